@@ -1,0 +1,1 @@
+"""Multiprocess shared-memory inference engine: supervisor, config, workers and the model repository."""

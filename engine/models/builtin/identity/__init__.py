@@ -1,0 +1,1 @@
+"""Built-in model `identity`: returns its FP32 input."""

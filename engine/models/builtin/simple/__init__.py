@@ -1,0 +1,1 @@
+"""Built-in model `simple`: Triton's classic add/sub example."""

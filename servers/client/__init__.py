@@ -1,0 +1,1 @@
+"""Clients shipped with the engine: `ZmqClient` and `AsyncZmqClient` for the ZMQ protocol."""

@@ -1,0 +1,362 @@
+"""The gRPC front-end: KServe v2 / Triton ``inference.GRPCInferenceService`` and ``grpc.health.v1`` on grpc.aio.
+
+`serve` runs one front-end process's server (the caller provides the event loop, uvloop in
+production); `InferenceServicer` answers each RPC from a `servers.gateway_api.Gateway`.
+
+Request path of ModelInfer: protobuf parses the request (grpc refuses one larger than
+``max_message_bytes`` with RESOURCE_EXHAUSTED before we see it), the raw input bytes go to the gateway
+as they are (its copy into shared memory is the one copy), and each output is copied once out of
+shared memory into the response before the result is released. Engine errors map to their gRPC status
+(`engine.errors.EngineError.grpc_code`); anything else is logged and answered INTERNAL "internal error".
+
+ModelStreamInfer reads requests in a loop and starts each as a task, so many are in flight on one
+stream; responses are written in completion order by one writer, each carrying its request's ``id``;
+a failed request answers with ``error_message`` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.metadata
+import logging
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable
+from typing import Any, NoReturn
+
+import grpc
+
+from engine.dtypes import kserve_name
+from engine.errors import EngineError, InternalError, NotFound
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from servers import grpc_health
+from servers.gateway_api import FrontendSettings, Gateway
+from servers.grpc_messages import ModelCache, index_response, request_inputs, statistics_message
+
+log = logging.getLogger(__name__)
+
+#: Reported by ServerMetadata.
+SERVER_NAME = "shm-inference-engine"
+#: Triton extensions this server implements (ServerMetadata.extensions).
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+#: Seconds in-flight RPCs get to finish once `stop` is set; then they are cancelled.
+GRACE_S = 2.0
+#: Requests of one stream being computed or awaiting their write. Past this the stream stops reading,
+#: so a client that sends without reading responses is held back by flow control, not by our memory.
+STREAM_MAX_IN_FLIGHT = 1024
+#: RPCs of the service this engine does not serve (client-registered shared memory, model loading,
+#: trace and log settings): answered UNIMPLEMENTED.
+UNIMPLEMENTED = (
+    "RepositoryModelLoad",
+    "RepositoryModelUnload",
+    "SystemSharedMemoryStatus",
+    "SystemSharedMemoryRegister",
+    "SystemSharedMemoryUnregister",
+    "CudaSharedMemoryStatus",
+    "CudaSharedMemoryRegister",
+    "CudaSharedMemoryUnregister",
+    "TraceSetting",
+    "LogSettings",
+)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(SERVER_NAME)
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
+    """The RPC's deadline as an absolute ``time.monotonic_ns()``, or None when the client set none."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return time.monotonic_ns() + int(remaining * 1e9)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService`` answered from a gateway.
+
+    Args:
+        gateway: where requests go and metadata comes from.
+        prefix: log prefix naming this front-end (``frontend grpc#0``).
+    """
+
+    def __init__(self, gateway: Gateway, prefix: str = "frontend grpc") -> None:
+        self._gateway = gateway
+        self._models = ModelCache(gateway)
+        self._prefix = prefix
+        self._server_metadata = pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=_version(), extensions=EXTENSIONS
+        )
+
+    async def _fail(self, context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
+        """Abort the RPC with the status of ``exc`` (called from an ``except`` block)."""
+        if isinstance(exc, EngineError):
+            if isinstance(exc, InternalError):
+                log.error("%s: %s", self._prefix, exc.message)
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.public_message())
+        log.error("%s: unexpected error", self._prefix, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+    # --- health and metadata ---------------------------------------------------------------------
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._gateway.is_live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._gateway.is_ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        # An unknown model is simply not ready, as Triton answers (clients expect a bool, not an error).
+        try:
+            self._models.get(request.name, request.version)
+            ready = self._gateway.model_ready(request.name)
+        except NotFound:
+            ready = False
+        except Exception as exc:
+            await self._fail(context, exc)
+        return pb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return self._server_metadata
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            return self._models.get(request.name, request.version).metadata
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        try:
+            return self._models.get(request.name, request.version).config
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                self._models.get(request.name, request.version)
+            stats = self._gateway.statistics(request.name or None)
+            return pb.ModelStatisticsResponse(model_stats=[statistics_message(s) for s in stats])
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        try:
+            return index_response(self._gateway, request.ready)
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    # --- inference -------------------------------------------------------------------------------
+
+    async def infer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> pb.ModelInferResponse:
+        """Run one request through the gateway and build its response; raises EngineError on failure."""
+        name = request.model_name
+        entry = self._models.get(name, request.model_version)
+        inputs = request_inputs(request)
+        outputs = [o.name for o in request.outputs] or None
+        result = await self._gateway.infer(
+            name, inputs, outputs=outputs, deadline_ns=deadline_ns, request_id=request.id
+        )
+        try:
+            response = pb.ModelInferResponse(model_name=name, model_version=entry.spec.version, id=request.id)
+            types = entry.output_types
+            tensors = response.outputs
+            raw = response.raw_output_contents
+            for out_name, array in result.outputs.items():
+                datatype = types.get(out_name) or kserve_name(array.dtype)
+                tensors.add(name=out_name, datatype=datatype, shape=array.shape)
+                raw.append(array.tobytes())  # the one copy out of shared memory
+        finally:
+            result.release()
+        return response
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        try:
+            return await self.infer(request, _deadline_ns(context))
+        except Exception as exc:
+            await self._fail(context, exc)
+
+    async def _stream_answer(
+        self, request: pb.ModelInferRequest, deadline_ns: int | None
+    ) -> pb.ModelStreamInferResponse:
+        """One stream request's response; never raises (errors become ``error_message``)."""
+        try:
+            return pb.ModelStreamInferResponse(infer_response=await self.infer(request, deadline_ns))
+        except EngineError as exc:
+            if isinstance(exc, InternalError):
+                log.error("%s: %s", self._prefix, exc.message)
+            message = exc.public_message()
+        except Exception:
+            log.exception("%s: unexpected error in stream request %r", self._prefix, request.id)
+            message = "internal error"
+        echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        reading = True
+        deadline_ns = _deadline_ns(context)
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            done.put_nowait(await self._stream_answer(request, deadline_ns))
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            if not reading and not tasks:
+                done.put_nowait(None)
+
+        async def read() -> None:
+            nonlocal reading
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            finally:
+                reading = False
+                if not tasks:
+                    done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await done.get()) is not None:
+                await context.write(response)
+                slots.release()
+            await reader  # re-raises a read error (the stream then ends with its status)
+        finally:
+            reader.cancel()
+            for task in tasks:
+                task.cancel()
+
+
+def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:
+    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not supported by this server")
+
+    handler.__name__ = handler.__qualname__ = method
+    return handler
+
+
+for _method in UNIMPLEMENTED:
+    setattr(InferenceServicer, _method, _unimplemented(_method))
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    """Refuses RPCs without an ``authorization: Bearer <token>`` header naming an accepted token.
+
+    Health checks are exempt: orchestrator probes carry no credentials and reveal nothing.
+    """
+
+    def __init__(self, tokens: tuple[str, ...]) -> None:
+        self._accepted = tuple(f"Bearer {t}".encode() for t in tokens)
+
+    def authorized(self, metadata: Any) -> bool:
+        for key, value in metadata or ():
+            if key == "authorization":
+                offered = value.encode() if isinstance(value, str) else bytes(value)
+                # Compare against every token so timing does not reveal which one nearly matched.
+                return sum(hmac.compare_digest(offered, t) for t in self._accepted) > 0
+        return False
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+            return handler
+        if self.authorized(handler_call_details.invocation_metadata):  # type: ignore[attr-defined]
+            return handler
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        # Same kind of handler as the method's, and no deserializer: a refused request is not parsed.
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    gateway: Gateway,
+    settings: FrontendSettings,
+    on_bound: Callable[[int], None],
+    stop: asyncio.Event,
+) -> None:
+    """Serve gRPC on ``settings.host:settings.port`` until ``stop`` is set.
+
+    Args:
+        gateway: answers every RPC.
+        settings: address, message size limit, SO_REUSEPORT, bearer tokens, instance number.
+        on_bound: called once with the bound port, after the server has started.
+        stop: set it to stop; in-flight RPCs get `GRACE_S` seconds to finish.
+
+    Raises:
+        OSError: the address could not be bound.
+    """
+    prefix = f"frontend grpc#{settings.instance}"
+    options = [
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+    ]
+    interceptors = [BearerAuth(settings.auth_tokens)] if settings.auth_tokens else []
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway, prefix), server)
+    grpc_health.add_to_server(gateway, server)
+    address = _address(settings.host, settings.port)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
+        raise OSError(f"{prefix}: cannot bind {address}: {exc}") from exc
+    await server.start()
+    try:
+        log.info(
+            "%s: serving on %s (max message %d bytes%s)",
+            prefix,
+            _address(settings.host, port),
+            settings.max_message_bytes,
+            ", SO_REUSEPORT" if settings.reuse_port else "",
+        )
+        on_bound(port)
+        await stop.wait()
+        log.info("%s: stopping (grace %.1fs)", prefix, GRACE_S)
+    finally:
+        await server.stop(GRACE_S)

@@ -1,0 +1,414 @@
+"""The REST front-end: KServe v2 HTTP routes (plus Triton's binary tensors) on FastAPI and uvicorn.
+
+`build_app` makes the FastAPI application over a `servers.gateway_api.Gateway`; `serve` runs it with
+uvicorn (httptools) inside the caller's running event loop (uvloop in the front-end process) on a
+socket it binds itself, so port 0 works and the bound port is reported through ``on_bound``.
+
+The ``/infer`` route reads the raw body and decodes it with `servers.rest_codec` (orjson, numpy),
+bypassing FastAPI's pydantic body parsing. Every failure answers ``{"error": "..."}`` with the status
+of its `engine.errors` class; only an unexpected exception (an engine bug) is a 500, logged with its
+traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from typing import Any
+
+import orjson
+import uvicorn
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.errors import EngineError, InternalError, InvalidArgument, NotFound, ResourceExhausted
+from servers.gateway_api import FrontendSettings, Gateway
+from servers.rest_codec import dumps, encode_infer_response, parse_header_length, parse_infer_request
+from servers.rest_metadata import (
+    SERVER_NAME,
+    ModelDocuments,
+    repository_index,
+    server_metadata,
+    server_version,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Header of Triton's binary tensor extension: size of the JSON part of the body.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Seconds `serve` lets in-flight requests finish after ``stop`` is set before cancelling them.
+DRAIN_TIMEOUT_S = 10
+#: listen() backlog of the bound socket.
+BACKLOG = 2048
+
+_JSON = "application/json"
+_OCTETS = "application/octet-stream"
+_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Placeholder exposition until the observability work fills /metrics.
+_METRICS_BODY = b"# HELP engine_up Whether the engine is up.\n# TYPE engine_up gauge\nengine_up 1\n"
+
+
+class PayloadTooLarge(InvalidArgument):
+    """The request body is larger than ``max_message_bytes`` (HTTP 413)."""
+
+    http_status = 413
+
+
+def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """The body every failure carries: ``{"error": message}``."""
+    return Response(orjson.dumps({"error": message}), status, headers=headers, media_type=_JSON)
+
+
+def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
+    """The FastAPI application serving ``gateway`` over KServe v2 HTTP.
+
+    Args:
+        gateway: where requests go and metadata comes from.
+        settings: message size limit, bearer tokens and the instance index (for logs).
+    """
+    api = _RestApi(gateway, settings)
+
+    class GuardedRoute(APIRoute):
+        """Turns every failure of a route into ``{"error": ...}`` with its status."""
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def guarded(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except EngineError as exc:
+                    return api.engine_error(request, exc)
+                except (HTTPException, RequestValidationError):
+                    raise
+                except Exception:
+                    logger.exception("%s: %s %s failed", api.who, request.method, request.url.path)
+                    return error_response(500, "internal error")
+
+            return guarded
+
+    app = FastAPI(title=SERVER_NAME, version=server_version())
+    router = APIRouter(route_class=GuardedRoute)
+    get, post = ["GET"], ["POST"]
+    router.add_api_route("/v2", api.server_metadata, methods=get)
+    router.add_api_route("/v2/health/live", api.live, methods=get)
+    router.add_api_route("/v2/health/ready", api.ready, methods=get)
+    router.add_api_route("/v2/repository/index", api.repository_index, methods=post)
+    # Before /v2/models/{name}, which would take "stats" for a model name.
+    router.add_api_route("/v2/models/stats", api.statistics, methods=get)
+    for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        router.add_api_route(model, api.model_metadata, methods=get)
+        router.add_api_route(f"{model}/ready", api.model_ready, methods=get)
+        router.add_api_route(f"{model}/config", api.model_config, methods=get)
+        router.add_api_route(f"{model}/stats", api.statistics, methods=get)
+        router.add_api_route(f"{model}/infer", api.infer, methods=post)
+    router.add_api_route("/metrics", api.metrics, methods=get)
+    app.include_router(router)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown routes and wrong methods: the same error body as everything else.
+        if isinstance(exc, HTTPException):
+            return error_response(exc.status_code, str(exc.detail), exc.headers)
+        return error_response(400, str(exc))
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, http_error)
+    if settings.auth_tokens:
+        app.add_middleware(BearerAuth, tokens=settings.auth_tokens)
+    return app
+
+
+class BearerAuth:
+    """ASGI middleware: requires ``Authorization: Bearer <token>`` except on ``/v2/health/*``.
+
+    Health stays open so that load balancers and orchestrators can probe without a secret.
+    """
+
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+        self.app = app
+        self._tokens = [token.encode() for token in tokens]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/v2/health/") or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        response = error_response(
+            401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
+        await response(scope, receive, send)
+
+    def _allowed(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                token = token.strip()
+                # compare_digest against every token: no early exit that times which one matched.
+                return sum(hmac.compare_digest(token, known) for known in self._tokens) > 0
+        return False
+
+
+class _RestApi:
+    """The route handlers, over one gateway."""
+
+    def __init__(self, gateway: Gateway, settings: FrontendSettings) -> None:
+        self._gateway = gateway
+        self._max_bytes = settings.max_message_bytes
+        self._models: dict[str, ModelDocuments] = {}
+        self._server_metadata = dumps(server_metadata())
+        self.who = f"frontend rest#{settings.instance}"
+
+    def engine_error(self, request: Request, exc: EngineError) -> Response:
+        """The response for an error of the engine's tree (logged when it is the server's fault)."""
+        status = exc.http_status
+        if isinstance(exc, InternalError):
+            logger.error("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
+        elif status >= 500:
+            logger.warning("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
+        headers = None
+        if isinstance(exc, ResourceExhausted):
+            headers = {"Retry-After": "1"}
+        elif isinstance(exc, PayloadTooLarge):
+            # The client may still be sending the rest of the body: do not keep the connection.
+            headers = {"Connection": "close"}
+        return error_response(status, exc.public_message(), headers)
+
+    def _documents(self, request: Request) -> ModelDocuments:
+        """The named model's cached documents; NotFound for an unknown model or version."""
+        params = request.path_params
+        name = params["name"]
+        spec = self._gateway.model_spec(name)
+        docs = self._models.get(name)
+        if docs is None or docs.spec is not spec:
+            docs = self._models[name] = ModelDocuments(spec)
+        version = params.get("version")
+        if version is not None and version != spec.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; versions: {spec.version}")
+        return docs
+
+    async def server_metadata(self) -> Response:
+        """Server name, version and extensions."""
+        return Response(self._server_metadata, media_type=_JSON)
+
+    async def live(self) -> Response:
+        """200 while the server process is up."""
+        if self._gateway.is_live():
+            return Response(b'{"live":true}', media_type=_JSON)
+        return Response(b'{"live":false,"error":"server is not live"}', 503, media_type=_JSON)
+
+    async def ready(self) -> Response:
+        """200 while the server admits requests, 503 during start-up and drain."""
+        if self._gateway.is_ready():
+            return Response(b'{"ready":true}', media_type=_JSON)
+        return Response(b'{"ready":false,"error":"server is not ready"}', 503, media_type=_JSON)
+
+    async def model_metadata(self, request: Request) -> Response:
+        """Model inputs and outputs, with a -1 batch dimension when the model batches."""
+        return Response(self._documents(request).metadata, media_type=_JSON)
+
+    async def model_config(self, request: Request) -> Response:
+        """Triton-style model configuration."""
+        return Response(self._documents(request).config, media_type=_JSON)
+
+    async def model_ready(self, request: Request) -> Response:
+        """200 when a worker serving the model is up, else 503."""
+        name = self._documents(request).spec.name
+        if self._gateway.model_ready(name):
+            return Response(dumps({"name": name, "ready": True}), media_type=_JSON)
+        return error_response(503, f"model {name!r} is not ready")
+
+    async def statistics(self, request: Request) -> Response:
+        """Per-model statistics (all models, or the one named in the path)."""
+        name = self._documents(request).spec.name if "name" in request.path_params else None
+        return Response(dumps({"model_stats": self._gateway.statistics(name)}), media_type=_JSON)
+
+    async def repository_index(self, request: Request) -> Response:
+        """Models of the repository with their state; body ``{"ready": true}`` lists ready ones only."""
+        body = await self._read_body(request)
+        ready_only = False
+        if body.strip():
+            try:
+                doc = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidArgument(f"malformed JSON in request body: {exc}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("ready", False), bool):
+                raise InvalidArgument('repository index body must be {"ready": true|false}')
+            ready_only = doc.get("ready", False)
+        return Response(dumps(repository_index(self._gateway, ready_only)), media_type=_JSON)
+
+    async def metrics(self) -> Response:
+        """Prometheus text exposition."""
+        return Response(_METRICS_BODY, media_type=_METRICS_TYPE)
+
+    async def infer(self, request: Request) -> Response:
+        """Run one inference: JSON tensors and/or binary tensors in, the same out."""
+        arrived_ns = time.monotonic_ns()
+        spec = self._documents(request).spec
+        headers = request.headers
+        body = await self._read_body(request)
+        parsed = parse_infer_request(body, parse_header_length(headers.get(HEADER_LENGTH), len(body)))
+        deadline_ns = _deadline(arrived_ns, headers.get("timeout-ms"), parsed.timeout_us)
+        result = await self._gateway.infer(
+            spec.name, parsed.inputs, outputs=parsed.outputs, deadline_ns=deadline_ns, request_id=parsed.id
+        )
+        try:
+            content, header_length = encode_infer_response(
+                spec.name, spec.version, parsed, result.outputs, self._max_bytes
+            )
+        finally:
+            result.release()
+        if header_length is None:
+            return Response(content, media_type=_JSON)
+        return Response(content, media_type=_OCTETS, headers={HEADER_LENGTH: str(header_length)})
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The request body, refused (413) as soon as it is known to exceed ``max_message_bytes``."""
+        limit = self._max_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidArgument(f"bad Content-Length {declared!r}")
+            if int(declared) > limit:
+                raise PayloadTooLarge(_too_large(int(declared), limit))
+            return await request.body()
+        # Chunked: count while reading so an endless body cannot grow memory.
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(_too_large(size, limit))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int) -> str:
+    return f"request body of {size}+ bytes is over max_message_bytes={limit}"
+
+
+def _deadline(arrived_ns: int, timeout_ms: str | None, timeout_us: int | None) -> int | None:
+    """Absolute deadline (``time.monotonic_ns()``) from the ``Timeout-Ms`` header and the request's
+    ``timeout`` parameter (microseconds, as tritonclient sends it); the earlier one wins, 0 = none."""
+    deadline: int | None = None
+    if timeout_ms is not None:
+        text = timeout_ms.strip()
+        if not text.isdigit() or not text.isascii():
+            raise InvalidArgument(f"Timeout-Ms must be a non-negative integer, got {timeout_ms!r}")
+        if int(text):
+            deadline = arrived_ns + int(text) * 1_000_000
+    if timeout_us:
+        by_param = arrived_ns + timeout_us * 1_000
+        deadline = by_param if deadline is None else min(deadline, by_param)
+    return deadline
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server with a started event and without its signal handlers: the front-end
+    process shell owns SIGTERM/SIGINT and tells us to stop through the ``stop`` event."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.started_event = asyncio.Event()
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        self.started_event.set()
+
+
+def bind_socket(settings: FrontendSettings) -> socket.socket:
+    """A listening, non-blocking TCP socket on ``settings.host:settings.port``.
+
+    SO_REUSEADDR always (restarts do not wait for TIME_WAIT); SO_REUSEPORT when
+    ``settings.reuse_port``, so several front-end processes share the port.
+    """
+    family, kind, proto, _, address = socket.getaddrinfo(
+        settings.host or None, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if settings.reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    gateway: Gateway,
+    settings: FrontendSettings,
+    on_bound: Callable[[int], None],
+    stop: asyncio.Event,
+) -> None:
+    """Serve the REST API in the running event loop until ``stop`` is set.
+
+    Args:
+        gateway: where requests go.
+        settings: bind address, limits, tokens, instance index.
+        on_bound: called once with the bound port when the server accepts connections.
+        stop: set it to stop: no new connections, in-flight requests get ``DRAIN_TIMEOUT_S`` to finish.
+    """
+    config = uvicorn.Config(
+        build_app(gateway, settings),
+        loop="none",
+        http="httptools",
+        ws="none",
+        lifespan="off",
+        interface="asgi3",
+        access_log=False,
+        log_level="warning",
+        log_config=None,
+        proxy_headers=False,
+        server_header=False,
+        backlog=BACKLOG,
+        timeout_graceful_shutdown=DRAIN_TIMEOUT_S,
+    )
+    server = _UvicornServer(config)
+    sock = bind_socket(settings)
+    who = f"frontend rest#{settings.instance}"
+    serving: asyncio.Task[None] | None = None
+    try:
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name=f"{who} uvicorn")
+        await _first(serving, server.started_event.wait())
+        if serving.done():
+            serving.result()
+            raise RuntimeError(f"{who}: uvicorn stopped before it started")
+        port = sock.getsockname()[1]
+        logger.info("%s: listening on %s:%s", who, settings.host, port)
+        on_bound(port)
+        await _first(serving, stop.wait())
+        server.should_exit = True
+        await serving
+        logger.info("%s: stopped", who)
+    finally:
+        if serving is not None and not serving.done():
+            # Cancelled or failed in between: stop uvicorn without the graceful wait.
+            server.should_exit = server.force_exit = True
+            await asyncio.wait({serving}, timeout=DRAIN_TIMEOUT_S)
+        sock.close()
+
+
+async def _first(task: asyncio.Task[Any], waiter: Awaitable[Any]) -> None:
+    """Wait until ``task`` or ``waiter`` finishes; the waiter is cancelled if still pending."""
+    other = asyncio.ensure_future(waiter)
+    try:
+        await asyncio.wait({task, other}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        other.cancel()
