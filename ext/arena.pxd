@@ -30,5 +30,6 @@ cdef class Arena:
     cdef void _remove_free(self, uint64_t off, uint32_t order) noexcept
     cdef int64_t c_alloc(self, uint64_t nbytes) noexcept
     cdef int c_free(self, uint64_t offset) noexcept
+    cdef int _require_open(self) except -1
     cdef int check(self, uint64_t offset, uint64_t nbytes) except -1
     cdef object c_view(self, uint64_t offset, object dtype, object shape)

@@ -31,6 +31,7 @@ cdef enum:
     FREE_FLAG = 0x80
     ALLOC_FLAG = 0x40
     ORDER_MASK = 0x3F
+    ITEM_REFCOUNT = 0x01    # NPY_ITEM_REFCOUNT: the dtype holds Python object references
     MAX_NDIM = 32
 
 cdef extern from "numpy/arrayobject.h":
@@ -218,8 +219,14 @@ cdef class Arena:
         self._push_free(off, order)
         return 0
 
+    cdef int _require_open(self) except -1:
+        # hdr and payload point into the mapping, which only _mv keeps alive once the segment closes
+        if self._mv is None:
+            raise ValueError(f"arena {self.segment.name!r} is closed")
+        return 0
+
     cdef int check(self, uint64_t offset, uint64_t nbytes) except -1:
-        if self.segment.data == NULL:
+        if self._mv is None or self.segment.data == NULL:
             raise ValueError("arena is closed")
         if offset > self.payload_size or nbytes > self.payload_size - offset:
             raise IndexError(
@@ -229,6 +236,9 @@ cdef class Arena:
 
     cdef object c_view(self, uint64_t offset, object dtype, object shape):
         cdef cnp.dtype descr = np.dtype(dtype)
+        if descr.flags & ITEM_REFCOUNT:
+            # raw shared bytes reinterpreted as PyObject pointers would crash the reader
+            raise TypeError(f"dtype {descr} holds Python objects: it cannot live in shared memory")
         cdef cnp.npy_intp dims[MAX_NDIM]
         cdef int ndim = 0
         cdef uint64_t count = 1
@@ -269,6 +279,7 @@ cdef class Arena:
         """Offset of a new region of at least ``nbytes``, or -1 when the arena is full now."""
         if not self.allocator:
             raise PermissionError("only the allocating process may alloc in this arena")
+        self._require_open()
         cdef int64_t off = self.c_alloc(nbytes)
         if off == -2:
             raise ValueError(f"{nbytes} bytes exceeds the largest block ({self.max_block} bytes)")
@@ -285,6 +296,7 @@ cdef class Arena:
         """Return a region. A bad or already-free offset raises ValueError and changes nothing."""
         if not self.allocator:
             raise PermissionError("only the allocating process may free in this arena")
+        self._require_open()
         if self.c_free(offset) != 0:
             raise ValueError(f"offset {offset} is not an allocated region of this arena")
 
@@ -292,6 +304,7 @@ cdef class Arena:
         """Size of the allocated block at ``offset`` (allocator only)."""
         if not self.allocator:
             raise PermissionError("allocator only")
+        self._require_open()
         if offset >= self.payload_size or (offset & (self.min_block - 1)):
             raise ValueError(f"offset {offset} is not a block start")
         st = self.state[offset >> self.min_shift]
@@ -342,6 +355,7 @@ cdef class Arena:
         """Free every region at once (allocator only), e.g. after the readers' peer restarted."""
         if not self.allocator:
             raise PermissionError("allocator only")
+        self._require_open()
         memset(self.state, 0, self.n_min)
         for i in range(40):
             self.free_head[i] = -1
@@ -361,6 +375,7 @@ cdef class Arena:
         free lists match the state map, and bytes_in_use matches. Returns (free_bytes, used_bytes)."""
         if not self.allocator:
             raise PermissionError("allocator only")
+        self._require_open()
         cdef uint64_t off = 0, free_b = 0, used_b = 0, size
         cdef uint8_t st
         while off < self.payload_size:
@@ -395,14 +410,17 @@ cdef class Arena:
 
     @property
     def bytes_in_use(self):
+        self._require_open()
         return eng_load_acquire_u64(&self.hdr.bytes_in_use)
 
     @property
     def allocations(self):
+        self._require_open()
         return eng_load_acquire_u64(&self.hdr.allocations)
 
     @property
     def high_water(self):
+        self._require_open()
         return eng_load_acquire_u64(&self.hdr.high_water)
 
     def close(self):
@@ -411,4 +429,6 @@ cdef class Arena:
 
     def __repr__(self):
         role = "allocator" if self.allocator else "reader"
+        if self._mv is None:
+            return f"<Arena {self.segment.name} {role} closed>"
         return f"<Arena {self.segment.name} {role} {self.bytes_in_use}/{self.payload_size} bytes in use>"

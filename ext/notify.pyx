@@ -14,6 +14,7 @@ the eventfd is registered with ``loop.add_reader``; a producer writes the eventf
 
 import os
 
+from libc.errno cimport errno
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, free
 
@@ -46,12 +47,14 @@ cdef class WakeWord:
     cdef readonly Py_ssize_t offset
     cdef uint32_t *seq
     cdef uint32_t *waiters
+    cdef object _hold
 
     def __init__(self, Segment segment, Py_ssize_t offset):
         segment.check_range(offset, WORD_SIZE, 64)
         if not segment.writable:
             raise PermissionError("a wake word needs a writable mapping")
         self.segment = segment
+        self._hold = segment.buffer()  # seq/waiters point into the mapping: keep it mapped
         self.offset = offset
         self.seq = <uint32_t *> (segment.data + offset)
         self.waiters = <uint32_t *> (segment.data + offset + 4)
@@ -145,7 +148,8 @@ def eventfd_open():
     """A new non-blocking, close-on-exec eventfd (the supervisor passes it to children explicitly)."""
     cdef int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
     if fd < 0:
-        raise OSError(os.errno if hasattr(os, "errno") else 0, "eventfd failed")
+        e = errno
+        raise OSError(e, f"eventfd failed: {os.strerror(e)}")
     return fd
 
 
@@ -156,12 +160,14 @@ cdef class EventNotifier:
     cdef readonly Py_ssize_t offset
     cdef readonly int fd
     cdef uint32_t *armed
+    cdef object _hold
 
     def __init__(self, Segment segment, Py_ssize_t offset, int fd):
         segment.check_range(offset, 4, 4)
         if not segment.writable:
             raise PermissionError("a notifier needs a writable mapping")
         self.segment = segment
+        self._hold = segment.buffer()  # armed points into the mapping: keep it mapped
         self.offset = offset
         self.fd = fd
         self.armed = <uint32_t *> (segment.data + offset)

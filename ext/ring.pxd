@@ -11,6 +11,7 @@ cdef class Ring:
     cdef eng_ring_header_t *hdr
     cdef eng_desc_t *slots
     cdef uint64_t cached_tail     # producer's last view of tail (only refreshed when it looks full)
+    cdef object _hold             # a buffer export: the mapping outlives Segment.close() while we live
 
     cdef int c_push(self, const eng_desc_t *d) noexcept nogil
     cdef int c_pop(self, eng_desc_t *out) noexcept nogil

@@ -79,6 +79,7 @@ cdef class Ring:
         segment.check_range(offset, ring_footprint(cap), ENG_CACHE_LINE)
         cdef Ring ring = Ring.__new__(Ring)
         ring.segment = segment
+        ring._hold = segment.buffer()  # hdr/slots point into the mapping: keep it mapped
         ring.offset = offset
         ring.capacity = cap
         ring.mask = cap - 1

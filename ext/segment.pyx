@@ -65,22 +65,28 @@ cdef class Segment:
         self.data = NULL
 
     @staticmethod
-    def create(Py_ssize_t size, unsigned int kind=KIND_ANY, str prefix=NAME_PREFIX):
-        """Create a new segment with a data area of ``size`` bytes, mode 0600, random name."""
+    def create(Py_ssize_t size, unsigned int kind=KIND_ANY, str prefix=NAME_PREFIX, str name=None):
+        """Create a new segment with a data area of ``size`` bytes, mode 0600.
+
+        The name is ``prefix`` + 32 random hex digits, unless ``name`` is given (callers derive such
+        names from a random base so that they stay unguessable); an existing name is an error.
+        """
         if size <= 0:
             raise ValueError(f"segment size must be positive, got {size}")
         cdef Segment seg = Segment.__new__(Segment)
         cdef bytes path
         cdef int fd = -1
         cdef Py_ssize_t total = size + ENG_SEG_HEADER_SIZE
+        fixed = name is not None
         for _ in range(8):
-            name = f"{prefix}{secrets.token_hex(16)}"
+            if not fixed:
+                name = f"{prefix}{secrets.token_hex(16)}"
             path = _shm_path(name).encode()
             fd = shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
             if fd >= 0:
                 break
             e = _errno()
-            if e != 17:  # EEXIST: draw another name
+            if e != 17 or fixed:  # EEXIST with a random name: draw another one
                 raise SegmentError(f"shm_open({name!r}) failed: {os.strerror(e)}")
         else:
             raise SegmentError("could not find a free segment name")

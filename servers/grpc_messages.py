@@ -70,7 +70,9 @@ def typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     if target != natural:
         narrowed = array.astype(target)
         if not np.array_equal(narrowed, array):
-            raise InvalidArgument(f"input {name!r}: a value in contents.{field} is out of range for {datatype}")
+            raise InvalidArgument(
+                f"input {name!r}: a value in contents.{field} is out of range for {datatype}"
+            )
         array = narrowed
     return array
 
@@ -92,9 +94,11 @@ def request_inputs(request: pb.ModelInferRequest) -> list[InferInput]:
     return [InferInput(t.name, t.datatype, tuple(t.shape), typed_contents(t)) for t in tensors]
 
 
-def data_type(datatype: str) -> int:
-    """The model_config ``DataType`` enum value of a KServe datatype name (``FP32`` -> ``TYPE_FP32``)."""
-    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+def data_type(datatype: str) -> str:
+    """The model_config ``DataType`` name of a KServe datatype name (``FP32`` -> ``TYPE_FP32``)."""
+    name = "TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}"
+    mc.DataType.Value(name)  # ValueError for a name Triton does not know
+    return name
 
 
 def metadata_response(spec: ModelSpec) -> pb.ModelMetadataResponse:
@@ -117,7 +121,9 @@ def config_response(spec: ModelSpec) -> pb.ModelConfigResponse:
         backend=spec.backend,
         max_batch_size=spec.max_batch_size,
         version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
-        input=[mc.ModelInput(name=t.name, data_type=data_type(t.datatype), dims=t.shape) for t in spec.inputs],
+        input=[
+            mc.ModelInput(name=t.name, data_type=data_type(t.datatype), dims=t.shape) for t in spec.inputs
+        ],
         output=[
             mc.ModelOutput(name=t.name, data_type=data_type(t.datatype), dims=t.shape) for t in spec.outputs
         ],
@@ -159,11 +165,13 @@ def statistics_message(stats: Mapping[str, Any]) -> pb.ModelStatistics:
             success=_duration(success, stats.get("success_ns")),
             fail=_duration(stats.get("fail_count"), stats.get("fail_ns")),
             queue=_duration(success, stats.get("queue_ns")),
-            compute_input=_duration(success, stats.get("compute_input_ns")),
             compute_infer=_duration(success, stats.get("compute_ns")),
-            compute_output=_duration(success, stats.get("compute_output_ns")),
         ),
     )
+    # Input and output copies are not timed by every gateway: report them only when they are.
+    for key, field in (("compute_input_ns", "compute_input"), ("compute_output_ns", "compute_output")):
+        if key in stats:
+            getattr(message.inference_stats, field).CopyFrom(_duration(success, stats[key]))
     for size, entry in sorted((stats.get("batch_stats") or {}).items(), key=lambda kv: int(kv[0])):
         if isinstance(entry, Mapping):
             count, ns = entry.get("count", 0), entry.get("compute_ns", entry.get("ns", 0))
@@ -187,7 +195,8 @@ def index_response(gateway: Gateway, ready_only: bool) -> pb.RepositoryIndexResp
         if ready_only and not ready:
             continue
         reason = "" if ready else errors.get(name, "no worker serving the model is up")
-        response.models.add(name=name, version=version, state="READY" if ready else "UNAVAILABLE", reason=reason)
+        state = "READY" if ready else "UNAVAILABLE"
+        response.models.add(name=name, version=version, state=state, reason=reason)
     return response
 
 
@@ -224,4 +233,3 @@ class ModelCache:
         if version and version != spec.version:
             raise NotFound(f"model {name!r} has no version {version!r}; versions: {spec.version}")
         return entry
-

@@ -1,4 +1,4 @@
-"""The gRPC front-end: KServe v2 / Triton ``inference.GRPCInferenceService`` and ``grpc.health.v1`` on grpc.aio.
+"""The gRPC front-end: KServe v2 / Triton ``inference.GRPCInferenceService`` plus ``grpc.health.v1``.
 
 `serve` runs one front-end process's server (the caller provides the event loop, uvloop in
 production); `InferenceServicer` answers each RPC from a `servers.gateway_api.Gateway`.
@@ -100,6 +100,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.public_message())
         log.error("%s: unexpected error", self._prefix, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        raise AssertionError("context.abort returned")  # it raises; this tells the type checker
 
     # --- health and metadata ---------------------------------------------------------------------
 
@@ -291,10 +292,10 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        method = handler_call_details.method  # type: ignore[attr-defined]
+        method = handler_call_details.method
         if handler is None or method.startswith("/grpc.health.v1.Health/"):
             return handler
-        if self.authorized(handler_call_details.invocation_metadata):  # type: ignore[attr-defined]
+        if self.authorized(handler_call_details.invocation_metadata):
             return handler
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:

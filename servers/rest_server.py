@@ -29,7 +29,14 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.errors import EngineError, InternalError, InvalidArgument, NotFound, ResourceExhausted
+from engine.errors import (
+    EngineError,
+    InternalError,
+    InvalidArgument,
+    ModelError,
+    NotFound,
+    ResourceExhausted,
+)
 from servers.gateway_api import FrontendSettings, Gateway
 from servers.rest_codec import dumps, encode_infer_response, parse_header_length, parse_infer_request
 from servers.rest_metadata import (
@@ -98,6 +105,9 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
     app = FastAPI(title=SERVER_NAME, version=server_version())
     router = APIRouter(route_class=GuardedRoute)
     get, post = ["GET"], ["POST"]
+    # Routes are matched in order: the hot one first.
+    router.add_api_route("/v2/models/{name}/infer", api.infer, methods=post)
+    router.add_api_route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=post)
     router.add_api_route("/v2", api.server_metadata, methods=get)
     router.add_api_route("/v2/health/live", api.live, methods=get)
     router.add_api_route("/v2/health/ready", api.ready, methods=get)
@@ -109,7 +119,6 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
         router.add_api_route(f"{model}/ready", api.model_ready, methods=get)
         router.add_api_route(f"{model}/config", api.model_config, methods=get)
         router.add_api_route(f"{model}/stats", api.statistics, methods=get)
-        router.add_api_route(f"{model}/infer", api.infer, methods=post)
     router.add_api_route("/metrics", api.metrics, methods=get)
     app.include_router(router)
 
@@ -169,18 +178,17 @@ class _RestApi:
 
     def engine_error(self, request: Request, exc: EngineError) -> Response:
         """The response for an error of the engine's tree (logged when it is the server's fault)."""
-        status = exc.http_status
+        # Client errors and overload answers (429/503/504) can come by the thousand: debug only.
         if isinstance(exc, InternalError):
             logger.error("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
-        elif status >= 500:
+        elif isinstance(exc, ModelError):
             logger.warning("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
-        headers = None
-        if isinstance(exc, ResourceExhausted):
-            headers = {"Retry-After": "1"}
-        elif isinstance(exc, PayloadTooLarge):
-            # The client may still be sending the rest of the body: do not keep the connection.
-            headers = {"Connection": "close"}
-        return error_response(status, exc.public_message(), headers)
+        else:
+            logger.debug("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
+        # No "Connection: close" after a 413: uvicorn reads and drops the rest of the body, and
+        # closing with unread data would reset the connection before the client reads the answer.
+        headers = {"Retry-After": "1"} if isinstance(exc, ResourceExhausted) else None
+        return error_response(exc.http_status, exc.public_message(), headers)
 
     def _documents(self, request: Request) -> ModelDocuments:
         """The named model's cached documents; NotFound for an unknown model or version."""

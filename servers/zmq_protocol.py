@@ -29,7 +29,7 @@ JSON bodies by type::
     REPLY           {"outputs": [{"name": str, "datatype": str, "shape": [int]}]}
                                                                              + one frame per output
     ERROR           {"code": int, "error_type": str, "message": str, "error_class": str (optional)}
-    PING            {"token": str (optional)}
+    PING            {"token": str (optional; servers need none for PING)}
     PONG            {"ready": bool, "live": bool}
     METADATA        {"model": str, "token": str (optional)}
     METADATA_REPLY  {"name", "versions", "platform", "inputs", "outputs", "max_batch_size", "ready"}
@@ -71,6 +71,9 @@ VERSION = 1
 #: magic, version, type, flags, request id, timeout_us, json length
 PREFIX = struct.Struct("<4sBBHQQI")
 PREFIX_SIZE = PREFIX.size  # 28
+
+#: The frames of an encoded message, ready for ``send_multipart``.
+Frames = list[bytes | memoryview]
 
 #: Limits a decoder enforces before it allocates or multiplies anything.
 MAX_TENSORS = 64
@@ -301,11 +304,11 @@ def encode_request(
     outputs: Sequence[str] | None = None,
     token: str | None = None,
     timeout_us: int = 0,
-) -> list[Buffer]:
+) -> Frames:
     """Frames of a REQUEST. Arrays are made C-contiguous little-endian (copied only when they are
     not already); the returned frames reference them, so keep them unchanged until sent."""
     entries: list[dict[str, Any]] = []
-    frames: list[Buffer] = [b""]
+    frames: Frames = [b""]
     for name, value in inputs.items():
         array = _wire_array(np.asarray(value))
         entries.append({"name": name, "datatype": kserve_name(array.dtype), "shape": list(array.shape)})
@@ -319,12 +322,12 @@ def encode_request(
     return frames
 
 
-def encode_ping(request_id: int, token: str | None = None) -> list[Buffer]:
+def encode_ping(request_id: int, token: str | None = None) -> Frames:
     """Frames of a PING."""
     return [encode_header(MsgType.PING, request_id, {"token": token} if token is not None else {})]
 
 
-def encode_metadata_request(request_id: int, model: str, token: str | None = None) -> list[Buffer]:
+def encode_metadata_request(request_id: int, model: str, token: str | None = None) -> Frames:
     """Frames of a METADATA request."""
     body: dict[str, Any] = {"model": model}
     if token is not None:
@@ -377,11 +380,11 @@ def _no_tensors(frames: Sequence[Buffer], kind: MsgType) -> None:
 # -- server -> client --------------------------------------------------------------------------
 
 
-def encode_reply(request_id: int, outputs: Mapping[str, np.ndarray]) -> list[Buffer]:
+def encode_reply(request_id: int, outputs: Mapping[str, np.ndarray]) -> Frames:
     """Frames of a REPLY: header, then each output's raw bytes (views on the arrays when they are
     already C-contiguous little-endian, so the arrays must stay valid until the frames are sent)."""
     entries: list[dict[str, Any]] = []
-    frames: list[Buffer] = [b""]
+    frames: Frames = [b""]
     for name, value in outputs.items():
         array = _wire_array(np.asarray(value))
         entries.append({"name": name, "datatype": kserve_name(array.dtype), "shape": list(array.shape)})
@@ -441,10 +444,11 @@ def decode_reply(frames: Sequence[Buffer]) -> Reply:
     if kind is MsgType.REPLY:
         specs = _tensor_specs(_list(body, "outputs"), "output")
         views = _frames_match(specs, frames[1:], "output")
-        arrays = {
-            name: np.frombuffer(view, dtype=numpy_dtype(datatype)).reshape(shape)
-            for (name, datatype, shape, _), view in zip(specs, views, strict=True)
-        }
+        arrays: dict[str, np.ndarray] = {}
+        for (name, datatype, shape, _), view in zip(specs, views, strict=True):
+            array = np.frombuffer(view, dtype=numpy_dtype(datatype)).reshape(shape)
+            array.flags.writeable = False  # the frame's memory is not the caller's to change
+            arrays[name] = array
         return Reply(kind, rid, outputs=arrays)
     if len(frames) != 1:
         raise InvalidArgument(f"a {kind.name} reply is one frame, got {len(frames)}")
@@ -509,12 +513,18 @@ def _wire_array(array: np.ndarray) -> np.ndarray:
     """The array as C-contiguous little-endian (no copy when it already is)."""
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE):
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    # not np.ascontiguousarray: it turns 0-d arrays into 1-d ones
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def _raw(array: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (empty arrays included)."""
     return _bytes_view(array.reshape(-1)) if array.size else memoryview(b"")
+
+
+def frames_nbytes(frames: Iterable[Buffer]) -> int:
+    """Total bytes of a message's frames."""
+    return sum(_bytes_view(f).nbytes for f in frames)
 
 
 def _bytes_view(data: Buffer) -> memoryview:

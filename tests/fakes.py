@@ -78,7 +78,7 @@ def check_inputs(spec: ModelSpec, inputs: Sequence[InferInput]) -> dict[str, np.
             raise InvalidArgument(f"input {item.name!r}: negative dimension in {list(item.shape)}")
         count = int(np.prod(item.shape, dtype=np.int64)) if item.shape else 1
         nbytes = count * tspec.dtype.itemsize
-        raw = memoryview(item.data).cast("B")
+        raw = memoryview(item.data).cast("B")  # type: ignore[arg-type]
         if raw.nbytes != nbytes:
             raise InvalidArgument(
                 f"input {item.name!r}: {raw.nbytes} bytes given, shape {list(item.shape)} needs {nbytes}"

@@ -1,0 +1,533 @@
+"""The supervisor: owns the config and every shared-memory segment, starts and watches the processes.
+
+It creates the control segment (board + rings), one arena per process incarnation and one eventfd
+per front-end slot, starts one worker per device and the front-ends with the spawn start method,
+restarts a child that dies (with backoff and a budget), and on stop turns readiness off, lets
+in-flight requests drain, stops the children and unlinks every segment it created.
+
+`Supervisor` is steppable and thread-agnostic: `engine.launch` drives it from the main thread with
+signal handlers, `engine.Engine` from a background thread for tests and embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import secrets
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait as wait_sentinels
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from engine.config import EngineConfig, resolve_devices
+from engine.errors import EngineError
+from engine.fdpass import PassFd
+from engine.models.repository import load_repository
+from engine.models.spec import ModelSpec
+from engine.shm import (
+    F_GEN,
+    F_HEARTBEAT,
+    F_INFLIGHT,
+    F_PORT,
+    F_STARTED,
+    F_STATE,
+    MAX_MODELS,
+    PROC_DOWN,
+    PROC_STARTING,
+    PROC_UP,
+    SERVER_DRAINING,
+    SERVER_READY,
+    SERVER_STARTING,
+    SERVER_STOPPING,
+    BoardLayout,
+    frontend_arena_name,
+    worker_arena_name,
+)
+from ext.arena import segment_size_for
+from ext.notify import eventfd_open
+from ext.ring import Ring
+from ext.segment import KIND_ARENA, KIND_CONTROL, NAME_PREFIX, Segment, segment_info, unlink_segment
+from servers.gateway import GatewayHandles
+from servers.gateway_api import FrontendSettings
+
+log = logging.getLogger("engine.supervisor")
+
+SHM_DIR = Path("/dev/shm")
+
+
+class StartupError(EngineError):
+    """The engine could not start (bad repository, short /dev/shm, a child that never got ready)."""
+
+
+class ShmTooSmall(StartupError):
+    """/dev/shm cannot hold the configured arenas (Docker gives containers 64 MB by default)."""
+
+
+@dataclass
+class Child:
+    """One process slot (a worker or a front-end) across its incarnations."""
+
+    role: str  # "worker" | "frontend"
+    index: int  # w or f
+    name: str  # e.g. "worker cpu:0", "frontend grpc#0"
+    protocol: str = ""
+    device: str = ""
+    instance: int = 0
+    gen: int = 0
+    process: BaseProcess | None = None
+    started_at: float = 0.0
+    restarts: list[float] = field(default_factory=list)
+    restart_at: float | None = None
+    port: int = 0
+    embedded: bool = False
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def sweep_stale_segments() -> list[str]:
+    """Unlink segments left by engine processes that are gone (a supervisor killed with SIGKILL)."""
+    removed = []
+    if not SHM_DIR.is_dir():
+        return removed
+    for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
+        try:
+            pid = segment_info(path.name)["creator_pid"]
+        except Exception:
+            continue  # not ours, or not readable: leave it
+        if pid and not _alive(pid):
+            if unlink_segment(path.name):
+                removed.append(path.name)
+    if removed:
+        log.warning("removed %d stale segments of dead engine processes", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Supervisor:
+    """Starts, watches and stops every engine process for one config."""
+
+    def __init__(self, config: EngineConfig, *, embedded_frontends: int = 0) -> None:
+        self.config = config
+        self.embedded_frontends = embedded_frontends
+        self.ctx = mp.get_context("spawn")
+        self.base = f"{NAME_PREFIX}{secrets.token_hex(16)}"
+        self.control: Segment | None = None
+        self.layout: BoardLayout | None = None
+        self.specs: tuple[ModelSpec, ...] = ()
+        self.repository_errors: dict[str, str] = {}
+        self.devices: list[str] = []
+        self.children: list[Child] = []
+        self.eventfds: list[int] = []
+        self.segments: dict[str, Segment] = {}
+        self.started_ns = time.monotonic_ns()
+        self.stopping = False
+        self.failed: str | None = None
+        max_msg = config.max_message_mb << 20
+        self.arena_max_block = next_pow2(max_msg + (1 << 20))
+
+    # ---- start ----------------------------------------------------------------------------------
+
+    def start(self, ready_timeout_s: float = 180.0) -> None:
+        """Create shared memory, start every child and wait until all are ready."""
+        cfg = self.config
+        sweep_stale_segments()
+        repo = load_repository(cfg.model_repository)
+        self.repository_errors = dict(repo.errors)
+        for name, reason in repo.errors.items():
+            log.error("model %s failed to load: %s", name, reason)
+        specs = sorted(repo.specs.values(), key=lambda s: s.name)
+        if len(specs) > MAX_MODELS:
+            raise StartupError(f"{len(specs)} models; at most {MAX_MODELS} are supported")
+        self.specs = tuple(specs)
+        self.devices = resolve_devices(cfg)
+        workers = [Child("worker", w, f"worker {d}", device=d) for w, d in enumerate(self.devices)]
+        frontends: list[Child] = []
+        for proto in cfg.protocols:
+            count = {"grpc": cfg.grpc_frontends, "rest": cfg.rest_frontends, "zmq": cfg.zmq_frontends}[proto]
+            for i in range(count):
+                frontends.append(Child("frontend", 0, f"frontend {proto}#{i}", protocol=proto, instance=i))
+        for i in range(self.embedded_frontends):
+            frontends.append(Child("frontend", 0, f"embedded#{i}", protocol="embedded", instance=i, embedded=True))
+        for f, child in enumerate(frontends):
+            child.index = f
+        self.children = workers + frontends
+        self.layout = BoardLayout(len(workers), len(frontends), cfg.ring_capacity)
+        self._check_shm_space(len(workers), len(frontends))
+        self.control = Segment.create(self.layout.total, KIND_CONTROL, name=self.base)
+        self.segments[self.base] = self.control
+        for f in range(len(frontends)):
+            for w in range(len(workers)):
+                Ring.create(self.control, self.layout.request_ring(f, w), cfg.ring_capacity)
+                Ring.create(self.control, self.layout.response_ring(f, w), cfg.ring_capacity)
+        self.eventfds = [eventfd_open() for _ in frontends]
+        self._set_server_state(SERVER_STARTING)
+        log.info(
+            "starting: %d models (%s), workers on %s, front-ends %s",
+            len(specs),
+            ", ".join(s.name for s in specs),
+            ", ".join(self.devices),
+            ", ".join(c.name for c in frontends) or "none",
+        )
+        for child in workers:
+            self._spawn(child)
+        self._wait_up([c for c in workers], ready_timeout_s)
+        for child in frontends:
+            if child.embedded:
+                self._new_generation(child)
+                continue
+            if child.protocol == "grpc" and child.instance > 0:
+                # the instances share the port the first one bound (SO_REUSEPORT)
+                child.port = frontends[[c.name for c in frontends].index("frontend grpc#0")].port
+            self._spawn(child)
+            if child.protocol == "grpc" and child.instance == 0:
+                self._wait_up([child], ready_timeout_s)
+        self._wait_up([c for c in frontends if not c.embedded], ready_timeout_s)
+        self._set_server_state(SERVER_READY)
+
+    def _check_shm_space(self, n_workers: int, n_frontends: int) -> None:
+        cfg = self.config
+        assert self.layout is not None
+        need = (
+            self.layout.total
+            + n_workers * segment_size_for(cfg.worker_arena_mb << 20, self.arena_max_block)
+            + n_frontends * segment_size_for(cfg.frontend_arena_mb << 20, self.arena_max_block)
+        )
+        try:
+            st = os.statvfs(SHM_DIR)
+        except OSError:
+            return
+        free = st.f_bavail * st.f_frsize
+        if free < need:
+            raise ShmTooSmall(
+                f"/dev/shm has {free >> 20} MiB free but the engine needs {need >> 20} MiB for its arenas "
+                f"({n_workers} workers x {cfg.worker_arena_mb} MiB, {n_frontends} front-ends x "
+                f"{cfg.frontend_arena_mb} MiB). In Docker run with --ipc=host or --shm-size={(need >> 20) + 64}m, "
+                "or lower worker_arena_mb / frontend_arena_mb"
+            )
+
+    def _new_generation(self, child: Child) -> None:
+        """Bump the slot's generation, give it a fresh arena and announce it on the board."""
+        assert self.control is not None and self.layout is not None
+        old = child.gen
+        child.gen += 1
+        cfg = self.config
+        if child.role == "worker":
+            name = worker_arena_name(self.base, child.index, child.gen)
+            size = segment_size_for(cfg.worker_arena_mb << 20, self.arena_max_block)
+            slot = self.layout.worker(child.index)
+            old_name = worker_arena_name(self.base, child.index, old) if old else None
+        else:
+            name = frontend_arena_name(self.base, child.index, child.gen)
+            size = segment_size_for(cfg.frontend_arena_mb << 20, self.arena_max_block)
+            slot = self.layout.frontend(child.index)
+            old_name = frontend_arena_name(self.base, child.index, old) if old else None
+        if old_name is not None:
+            self._unlink(old_name)  # peers that still map it keep their mapping until they let go
+        self.segments[name] = Segment.create(size, KIND_ARENA, name=name)
+        self.control.store_u64(slot + F_STATE, PROC_STARTING)
+        self.control.store_u64(slot + F_STARTED, time.monotonic_ns())
+        self.control.store_u64(slot + F_HEARTBEAT, time.monotonic_ns())
+        self.control.store_u64(slot + F_GEN, child.gen)
+
+    def _spawn(self, child: Child) -> None:
+        assert self.layout is not None
+        self._new_generation(child)
+        cfg = self.config
+        if child.role == "worker":
+            from engine.worker.main import WorkerArgs, run
+
+            args: Any = WorkerArgs(
+                w=child.index,
+                gen=child.gen,
+                device=child.device,
+                base=self.base,
+                layout=self.layout,
+                specs=self.specs,
+                notifier_fds=tuple(PassFd(fd) for fd in self.eventfds),  # type: ignore[misc]
+                arena_max_block=self.arena_max_block,
+                heartbeat_interval_s=cfg.heartbeat_interval_s,
+                drain_grace_s=cfg.drain_grace_s,
+                threads=cfg.worker_threads,
+                log_level=cfg.log_level,
+            )
+            target = run
+        else:
+            from servers.frontend import FrontendArgs
+            from servers.frontend import run as frun
+
+            args = FrontendArgs(
+                protocol=child.protocol,
+                handles=replace(self.handles(child.index), notifier_fd=PassFd(self.eventfds[child.index])),  # type: ignore[arg-type]
+                settings=FrontendSettings(
+                    host=cfg.host,
+                    port=child.port or self._configured_port(child.protocol),
+                    max_message_bytes=cfg.max_message_mb << 20,
+                    reuse_port=child.protocol == "grpc" and cfg.grpc_frontends > 1,
+                    auth_tokens=cfg.auth_tokens,
+                    instance=child.instance,
+                ),
+                heartbeat_interval_s=cfg.heartbeat_interval_s,
+                log_level=cfg.log_level,
+            )
+            target = frun
+        proc = self.ctx.Process(target=target, args=(args,), name=child.name, daemon=False)
+        proc.start()
+        child.process = proc
+        child.started_at = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %s, generation %d)", child.name, proc.pid, child.gen)
+
+    def _configured_port(self, protocol: str) -> int:
+        cfg = self.config
+        return {"grpc": cfg.grpc_port, "rest": cfg.rest_port, "zmq": cfg.zmq_port}[protocol]
+
+    def handles(self, f: int) -> GatewayHandles:
+        """What front-end slot ``f`` needs to attach its gateway."""
+        assert self.layout is not None
+        return GatewayHandles(
+            base=self.base,
+            layout=self.layout,
+            f=f,
+            gen=self.children_by_role("frontend")[f].gen,
+            specs=self.specs,
+            repository_errors=tuple(sorted(self.repository_errors.items())),
+            notifier_fd=self.eventfds[f],
+            arena_max_block=self.arena_max_block,
+            max_inflight_per_model=self.config.max_inflight_per_model,
+            worker_devices=tuple(self.devices),
+        )
+
+    def children_by_role(self, role: str) -> list[Child]:
+        return [c for c in self.children if c.role == role]
+
+    def _slot(self, child: Child) -> int:
+        assert self.layout is not None
+        if child.role == "worker":
+            return self.layout.worker(child.index)
+        return self.layout.frontend(child.index)
+
+    def _wait_up(self, children: list[Child], timeout_s: float) -> None:
+        assert self.control is not None
+        end = time.monotonic() + timeout_s
+        for child in children:
+            while self.control.load_u64(self._slot(child) + F_STATE) != PROC_UP:
+                proc = child.process
+                if proc is not None and not proc.is_alive():
+                    raise StartupError(f"{child.name} exited with code {proc.exitcode} before it was ready")
+                if time.monotonic() > end:
+                    raise StartupError(
+                        f"{child.name} was not ready after {timeout_s:.0f} s (model loading too slow? "
+                        "raise the start-up timeout)"
+                    )
+                if proc is not None:
+                    wait_sentinels([proc.sentinel], timeout=0.02)
+            if child.role == "frontend":
+                child.port = self.control.load_u64(self._slot(child) + F_PORT)
+
+    # ---- watch ----------------------------------------------------------------------------------
+
+    def endpoints(self) -> dict[str, int]:
+        """Bound port per protocol."""
+        out = {}
+        for c in self.children_by_role("frontend"):
+            if not c.embedded and c.instance == 0:
+                out[c.protocol] = c.port
+        return out
+
+    def poll(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for a child to exit; handle exits and due restarts."""
+        sentinels = [c.process.sentinel for c in self.children if c.process is not None]
+        if sentinels:
+            wait_sentinels(sentinels, timeout=timeout_s)
+        else:
+            time.sleep(timeout_s)
+        now = time.monotonic()
+        for child in self.children:
+            proc = child.process
+            if proc is not None and not proc.is_alive() and not self.stopping:
+                self._on_exit(child, proc.exitcode)
+            if child.process is None and child.restart_at is not None and now >= child.restart_at:
+                if not self.stopping and self.failed is None:
+                    self._spawn(child)
+        for child in self.children:
+            if child.role == "frontend" and child.process is not None and self.control is not None:
+                port = self.control.load_u64(self._slot(child) + F_PORT)
+                if port:
+                    child.port = port
+
+    def _on_exit(self, child: Child, code: int | None) -> None:
+        assert self.control is not None
+        child.process = None
+        log.error("%s exited unexpectedly (code %s); restarting", child.name, code)
+        now = time.monotonic()
+        window = self.config.restart_window_s
+        child.restarts = [t for t in child.restarts if now - t < window]
+        if len(child.restarts) >= self.config.restart_budget:
+            self.failed = (
+                f"{child.name} crashed {len(child.restarts) + 1} times within {window:.0f} s "
+                f"(restart_budget {self.config.restart_budget}); giving up"
+            )
+            log.critical("%s", self.failed)
+            return
+        child.restarts.append(now)
+        # A new generation right away: peers fail what the dead one held and reset their rings now,
+        # not after the backoff.
+        self._new_generation(child)
+        child.gen -= 1  # _spawn bumps it again, with a fresh arena
+        self._unlink(
+            worker_arena_name(self.base, child.index, child.gen + 1)
+            if child.role == "worker"
+            else frontend_arena_name(self.base, child.index, child.gen + 1)
+        )
+        self._wake_frontends()
+        backoff = self.config.restart_backoff_s * (2 ** (len(child.restarts) - 1))
+        child.restart_at = now + backoff
+
+    def _wake_frontends(self) -> None:
+        for fd in self.eventfds:
+            with contextlib.suppress(OSError):
+                os.write(fd, (1).to_bytes(8, "little"))
+
+    def _set_server_state(self, state: int) -> None:
+        if self.control is not None:
+            self.control.store_u64(0, state)
+        self._wake_frontends()
+
+    # ---- stop -----------------------------------------------------------------------------------
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Readiness off, stop admitting, wait (bounded) until no request is in flight."""
+        assert self.control is not None and self.layout is not None
+        self._set_server_state(SERVER_DRAINING)
+        end = time.monotonic() + (self.config.drain_grace_s if grace_s is None else grace_s)
+        while time.monotonic() < end:
+            inflight = sum(
+                self.control.load_u64(self.layout.frontend(c.index, F_INFLIGHT))
+                for c in self.children_by_role("frontend")
+            )
+            if inflight == 0:
+                return
+            time.sleep(0.01)
+        log.warning("drain grace period over with requests still in flight")
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain, stop front-ends, then workers, then unlink every segment. Safe to call twice."""
+        if self.stopping:
+            return
+        self.stopping = True
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        try:
+            if self.control is not None and self.layout is not None:
+                self.drain(grace)
+                self._set_server_state(SERVER_STOPPING)
+            self._terminate(self.children_by_role("frontend"), grace)
+            self._terminate(self.children_by_role("worker"), grace)
+        finally:
+            for fd in self.eventfds:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self.eventfds = []
+            for name in list(self.segments):
+                self._unlink(name)
+            log.info("stopped; shared memory released")
+
+    def _terminate(self, children: list[Child], grace_s: float) -> None:
+        procs = [c.process for c in children if c.process is not None]
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, 15)
+        end = time.monotonic() + grace_s + 2.0
+        for proc in procs:
+            proc.join(max(0.0, end - time.monotonic()))
+            if proc.is_alive():
+                log.warning("%s did not stop in time; killing it", proc.name)
+                proc.kill()
+                proc.join(5)
+        for child in children:
+            if child.process is not None and self.control is not None:
+                self.control.store_u64(self._slot(child) + F_STATE, PROC_DOWN)
+            child.process = None
+
+    def _unlink(self, name: str) -> None:
+        seg = self.segments.pop(name, None)
+        if seg is not None:
+            seg.close()
+        unlink_segment(name)
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Per process: pid, state, uptime, restarts; per model: counters from the workers."""
+        control = self.control
+        procs = []
+        now = time.monotonic_ns()
+        for c in self.children:
+            slot = self._slot(c)
+            state = control.load_u64(slot + F_STATE) if control is not None else PROC_DOWN
+            started = control.load_u64(slot + F_STARTED) if control is not None else 0
+            procs.append(
+                {
+                    "name": c.name,
+                    "role": c.role,
+                    "pid": c.process.pid if c.process is not None else (os.getpid() if c.embedded else None),
+                    "state": {PROC_DOWN: "down", PROC_STARTING: "starting", PROC_UP: "up"}.get(state, "?"),
+                    "generation": c.gen,
+                    "uptime_s": round((now - started) / 1e9, 3) if started else 0.0,
+                    "restarts": len(c.restarts),
+                    "heartbeat_age_s": (
+                        round((now - control.load_u64(slot + F_HEARTBEAT)) / 1e9, 3) if control is not None else None
+                    ),
+                    "port": c.port or None,
+                    "inflight": control.load_u64(slot + F_INFLIGHT) if control and c.role == "frontend" else None,
+                }
+            )
+        return {
+            "server": {
+                "state": self._state_name(),
+                "uptime_s": round((now - self.started_ns) / 1e9, 3),
+                "failed": self.failed,
+            },
+            "processes": procs,
+            "models": self.model_stats(),
+            "repository_errors": dict(self.repository_errors),
+        }
+
+    def _state_name(self) -> str:
+        if self.control is None:
+            return "stopped"
+        return {
+            SERVER_STARTING: "starting",
+            SERVER_READY: "ready",
+            SERVER_DRAINING: "draining",
+            SERVER_STOPPING: "stopping",
+        }.get(self.control.load_u64(0), "?")
+
+    def model_stats(self) -> dict[str, dict[str, int]]:
+        from engine.shm import STAT_NAMES
+
+        control, layout = self.control, self.layout
+        out: dict[str, dict[str, int]] = {}
+        for m, spec in enumerate(self.specs):
+            totals = dict.fromkeys(STAT_NAMES, 0)
+            if control is not None and layout is not None:
+                for w in range(layout.n_workers):
+                    for name in STAT_NAMES:
+                        totals[name] += control.load_u64(layout.stat(w, m, name))
+            out[spec.name] = totals
+        return out

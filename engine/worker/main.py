@@ -1,0 +1,145 @@
+"""The worker process shell: name the process, attach shared memory, load models, loop `WorkerCore`.
+
+Runs in a process started by the supervisor with the spawn start method. Never imports grpc, zmq
+or fastapi. SIGTERM asks for a graceful stop (finish what is queued, then exit 0); SIGINT is left to
+the supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from engine.logs import setup_logging
+from engine.models.spec import ModelSpec
+from engine.shm import (
+    F_HEARTBEAT,
+    F_MODELS,
+    F_PID,
+    F_STATE,
+    PROC_DOWN,
+    PROC_UP,
+    TEXT_BYTES,
+    BoardLayout,
+    worker_arena_name,
+)
+from engine.worker.core import WorkerCore
+from ext.arena import Arena
+from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
+
+log = logging.getLogger("engine.worker")
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the supervisor hands a worker process (pickled by multiprocessing over its own pipe)."""
+
+    w: int
+    gen: int
+    device: str
+    base: str
+    layout: BoardLayout
+    specs: tuple[ModelSpec, ...]
+    notifier_fds: tuple[int, ...]
+    arena_max_block: int
+    heartbeat_interval_s: float
+    drain_grace_s: float
+    threads: int
+    log_level: str
+    spin_s: float = 50e-6
+
+
+def run(args: WorkerArgs) -> None:
+    """Process entry point."""
+    role = f"worker {args.device}"
+    setup_logging(args.log_level, role)
+    try:
+        from setproctitle import setproctitle
+
+        setproctitle(f"engine: worker {args.device} #{args.w}")
+    except ImportError:  # pragma: no cover - optional nicety
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    import torch
+
+    from engine.models.backends import load_model
+    from engine.worker.executor import Executor
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    control = Segment.attach(args.base, KIND_CONTROL)
+    layout = args.layout
+    slot = layout.worker(args.w)
+    control.store_u64(slot + F_PID, os.getpid())
+    arena = Arena.format(
+        Segment.attach(worker_arena_name(args.base, args.w, args.gen), KIND_ARENA),
+        max_block=args.arena_max_block,
+    )
+    executor = Executor(args.device)
+    models = {}
+    errors: dict[str, str] = {}
+    bitmap = 0
+    for m, spec in enumerate(args.specs):
+        if spec.devices and args.device not in spec.devices:
+            continue
+        try:
+            models[m] = load_model(spec, args.device)
+            bitmap |= 1 << m
+            log.info("loaded model %s on %s", spec.name, args.device)
+        except Exception as exc:
+            errors[spec.name] = f"{type(exc).__name__}: {exc}"
+            log.error("model %s failed to load on %s: %s", spec.name, args.device, errors[spec.name])
+    text = orjson.dumps(errors)[: TEXT_BYTES - 8]
+    buf = control.buffer()
+    buf[layout.text(args.w) + 8 : layout.text(args.w) + 8 + len(text)] = text
+    control.store_u64(layout.text(args.w), len(text))
+
+    def run_batch(spec: ModelSpec, m: int, inputs, rows: int):  # type: ignore[no-untyped-def]
+        return executor.run(spec, models[m], inputs, rows)
+
+    core = WorkerCore(
+        control,
+        layout,
+        args.w,
+        args.gen,
+        args.base,
+        args.specs,
+        arena,
+        args.notifier_fds,
+        run_batch,
+        spin_s=args.spin_s,
+    )
+    core.loaded = set(models)
+    heart = threading.Thread(
+        target=_heartbeat,
+        args=(control, slot, args.heartbeat_interval_s, stop),
+        daemon=True,
+        name="heartbeat",
+    )
+    heart.start()
+    control.store_u64(slot + F_MODELS, bitmap)
+    control.store_u64(slot + F_STATE, PROC_UP)
+    log.info("ready: %d models", len(models))
+    try:
+        while not stop.is_set():
+            core.step(0.1)
+        core.drain_all(args.drain_grace_s)
+    finally:
+        control.store_u64(slot + F_STATE, PROC_DOWN)
+        log.info("stopped")
+
+
+def _heartbeat(control: Segment, slot: int, interval: float, stop: threading.Event) -> None:
+    # A thread, not the loop: a long batch must not look like a hang, a stopped process must.
+    while not stop.is_set():
+        control.store_u64(slot + F_HEARTBEAT, time.monotonic_ns())
+        stop.wait(interval)

@@ -1,0 +1,625 @@
+"""Submit-and-await over shared memory: the `Gateway` every front-end process talks to the workers through.
+
+`ShmGateway` lives in a front-end's asyncio loop. `infer()` validates a request against the model's
+metadata before touching shared memory, writes the inputs into this front-end's arena (the one copy),
+pushes a descriptor to a worker's ring and awaits the completion. Completions arrive on the
+front-end's eventfd (registered with ``loop.add_reader``), signalled by workers at most once per
+burst; outputs come back as read-only numpy views into the worker's arena, released when the
+protocol has sent them.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, numpy_dtype
+from engine.errors import (
+    EngineError,
+    InternalError,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    WorkerDied,
+    from_wire,
+)
+from engine.models.spec import MAX_RANK, ModelSpec
+from engine.shm import (
+    F_GEN,
+    F_INFLIGHT,
+    F_MODELS,
+    F_STATE,
+    FLAG_BATCHED,
+    HEADER_BYTES,
+    KIND_ERROR,
+    KIND_RELEASE,
+    KIND_REQUEST,
+    KIND_RESPONSE,
+    NO_REGION,
+    PROC_UP,
+    REGION_HEADER,
+    REQ_MAGIC,
+    RES_MAGIC,
+    SERVER_READY,
+    STAT_INDEX,
+    STAT_SLOTS,
+    TENSOR_DESC_DTYPE,
+    BoardLayout,
+    frontend_arena_name,
+    region_layout,
+    worker_arena_name,
+)
+from ext.arena import Arena
+from ext.notify import EventNotifier, WakeWord
+from ext.ring import DESC_DTYPE, Ring
+from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
+from servers.gateway_api import InferInput
+
+log = logging.getLogger("servers.gateway")
+
+_MAX_ELEMENTS = 1 << 40
+
+
+@dataclass(frozen=True)
+class GatewayHandles:
+    """What a front-end process needs to attach its gateway (handed over by the supervisor)."""
+
+    base: str
+    layout: BoardLayout
+    f: int
+    gen: int
+    specs: tuple[ModelSpec, ...]
+    repository_errors: tuple[tuple[str, str], ...]
+    notifier_fd: int
+    arena_max_block: int
+    max_inflight_per_model: int
+    worker_devices: tuple[str, ...]
+
+
+class _Link:
+    """This front-end's side of one (front-end, worker) pair."""
+
+    __slots__ = ("acked", "out_arena", "out_gen", "pending", "releases", "request", "response", "w", "word")
+
+    def __init__(self, w: int, request: Ring, response: Ring, word: WakeWord) -> None:
+        self.w = w
+        self.request = request
+        self.response = response
+        self.word = word
+        self.acked = 0
+        self.out_arena: Arena | None = None
+        self.out_gen = 0
+        self.pending: set[int] = set()
+        self.releases: list[tuple[int, int]] = []
+
+
+class _Pending:
+    __slots__ = ("future", "link", "model", "outputs", "region")
+
+    def __init__(
+        self, future: asyncio.Future[Any], link: _Link, region: int, model: int, outputs: int
+    ) -> None:
+        self.future = future
+        self.link = link
+        self.region = region
+        self.model = model
+        self.outputs = outputs
+
+
+class ShmResult:
+    """Outputs of one request as read-only views into a worker's arena; `release()` hands them back."""
+
+    __slots__ = ("_gateway", "_gen", "_link", "_offset", "model", "outputs", "request_id")
+
+    def __init__(
+        self,
+        gateway: ShmGateway,
+        link: _Link,
+        offset: int,
+        gen: int,
+        model: str,
+        request_id: str,
+        outputs: dict[str, np.ndarray],
+    ) -> None:
+        self._gateway: ShmGateway | None = gateway
+        self._link = link
+        self._offset = offset
+        self._gen = gen
+        self.model = model
+        self.request_id = request_id
+        self.outputs = outputs
+
+    def release(self) -> None:
+        """Give the output region back to the worker. Safe to call twice."""
+        gw, self._gateway = self._gateway, None
+        if gw is not None:
+            self.outputs = {}
+            gw._release(self._link, self._offset, self._gen)
+
+    def __enter__(self) -> ShmResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ShmGateway:
+    """The shared-memory implementation of `servers.gateway_api.Gateway` for front-end slot ``f``."""
+
+    def __init__(self, handles: GatewayHandles) -> None:
+        self.h = handles
+        self.layout = handles.layout
+        self.specs = {s.name: s for s in handles.specs}
+        self.index = {s.name: i for i, s in enumerate(handles.specs)}
+        self._control: Segment | None = None
+        self._arena: Arena | None = None
+        self._links: list[_Link] = []
+        self._pending: dict[int, _Pending] = {}
+        self._inflight = [0] * len(handles.specs)
+        self._next_id = 1
+        self._rr = 0
+        self._buf = np.empty(256, dtype=DESC_DTYPE)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._notifier: EventNotifier | None = None
+        self._closed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def control(self) -> Segment:
+        """The attached control segment (after `start`)."""
+        if self._control is None:
+            raise RuntimeError("gateway not started")
+        return self._control
+
+    @property
+    def inflight(self) -> int:
+        """Requests admitted and not yet answered."""
+        return len(self._pending)
+
+    def _publish_inflight(self) -> None:
+        if self._control is not None:
+            self._control.store_u64(self.layout.frontend(self.h.f, F_INFLIGHT), len(self._pending))
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Attach shared memory, take the pairs with every worker and listen for completions."""
+        h = self.h
+        self._loop = loop or asyncio.get_running_loop()
+        control = Segment.attach(h.base, KIND_CONTROL)
+        self._control = control
+        arena_seg = Segment.attach(frontend_arena_name(h.base, h.f, h.gen), KIND_ARENA)
+        self._arena = Arena.format(arena_seg, max_block=h.arena_max_block)
+        self._links = [
+            _Link(
+                w,
+                Ring.attach(control, self.layout.request_ring(h.f, w)),
+                Ring.attach(control, self.layout.response_ring(h.f, w)),
+                WakeWord(control, self.layout.worker(w, 64)),
+            )
+            for w in range(self.layout.n_workers)
+        ]
+        self._notifier = EventNotifier(control, self.layout.frontend(h.f, 64), h.notifier_fd)
+        self._sync_workers()
+        self._await_worker_acks(5.0)
+        self._loop.add_reader(h.notifier_fd, self._on_wake)
+        self._notifier.arm()
+        self._on_wake()
+
+    def _await_worker_acks(self, timeout_s: float) -> None:
+        # Blocking on purpose (process start-up): a worker takes a new front-end incarnation in its
+        # next step; until then the pair carries nothing and requests would be refused.
+        control = self.control
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            waiting = [
+                link
+                for link in self._links
+                if self._worker_up(link.w) and control.load_u64(self.layout.ack_w(link.w, self.h.f)) != self.h.gen
+            ]
+            if not waiting:
+                return
+            for link in waiting:
+                link.word.wake()
+            time.sleep(0.001)
+
+    def close(self) -> None:
+        """Stop listening and fail what is still pending. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            self._loop.remove_reader(self.h.notifier_fd)
+        for req_id in list(self._pending):
+            self._fail(req_id, Unavailable("front-end shutting down"))
+
+    # ---- Gateway protocol --------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        return list(self.specs)
+
+    def model_spec(self, name: str) -> ModelSpec:
+        spec = self.specs.get(name)
+        if spec is None:
+            raise NotFound(f"unknown model {name!r}")
+        return spec
+
+    def is_live(self) -> bool:
+        return not self._closed
+
+    def is_ready(self) -> bool:
+        return (
+            not self._closed
+            and self._board(0) & 0xFFFFFFFF == SERVER_READY
+            and any(self._worker_up(link.w) for link in self._links)
+        )
+
+    def model_ready(self, name: str) -> bool:
+        m = self.index.get(name)
+        if m is None:
+            raise NotFound(f"unknown model {name!r}")
+        return self.is_ready() and any(self._serves(link.w, m) for link in self._links)
+
+    def model_load_errors(self) -> dict[str, str]:
+        errors = dict(self.h.repository_errors)
+        control = self._control
+        if control is not None:
+            buf = control.buffer()
+            for w in range(self.layout.n_workers):
+                at = self.layout.text(w)
+                n = control.load_u64(at)
+                if n:
+                    errors.update(orjson.loads(bytes(buf[at + 8 : at + 8 + n])))
+        return errors
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+        request_id: str = "",
+    ) -> ShmResult:
+        spec = self.model_spec(model)
+        m = self.index[model]
+        ordered = self._validate(spec, inputs)
+        mask = self._output_mask(spec, outputs)
+        if self._closed or self._board(0) & 0xFFFFFFFF != SERVER_READY:
+            raise Unavailable("server is not ready (starting or draining)")
+        if self._inflight[m] >= self.h.max_inflight_per_model:
+            raise ResourceExhausted(
+                f"model {model!r} has {self._inflight[m]} requests in flight on this front-end; retry later"
+            )
+        link = self._pick(m, model)
+        arena = self._arena
+        assert arena is not None
+        nbytes = [memoryview(item.data).nbytes for _, item, _ in ordered]
+        total, offs = region_layout(nbytes)
+        region = arena.try_alloc(total) if total <= arena.max_block else -1
+        if region < 0:
+            raise ResourceExhausted("front-end arena is full; retry later")
+        try:
+            REGION_HEADER.pack_into(arena.view(region, HEADER_BYTES), 0, REQ_MAGIC, len(ordered), 0, mask, 0)
+            descs = arena.view(region + HEADER_BYTES, (len(ordered),), TENSOR_DESC_DTYPE)
+            for j, (code, item, shape) in enumerate(ordered):
+                descs[j] = (
+                    code,
+                    len(shape),
+                    0,
+                    0,
+                    offs[j],
+                    nbytes[j],
+                    shape + (0,) * (MAX_RANK - len(shape)),
+                )
+                arena.write(region + offs[j], item.data)
+        except BaseException:
+            arena.free(region)
+            raise
+        req_id = self._next_id
+        self._next_id += 1
+        loop = self._loop
+        assert loop is not None
+        future: asyncio.Future[ShmResult] = loop.create_future()
+        if not link.request.push(
+            KIND_REQUEST, m, req_id, region, total, deadline_ns or 0, 0, 0, 0, self.h.gen
+        ):
+            arena.free(region)
+            raise ResourceExhausted("request ring to the worker is full; retry later")
+        link.word.notify()
+        self._pending[req_id] = _Pending(future, link, region, m, mask)
+        link.pending.add(req_id)
+        self._inflight[m] += 1
+        self._publish_inflight()
+        result = await future
+        result.request_id = request_id
+        return result
+
+    def statistics(self, model: str | None = None) -> list[dict[str, Any]]:
+        names = [model] if model else list(self.specs)
+        control = self._control
+        out = []
+        for name in names:
+            m = self.index.get(name)
+            if m is None:
+                raise NotFound(f"unknown model {name!r}")
+            totals = [0] * STAT_SLOTS
+            if control is not None:
+                for w in range(self.layout.n_workers):
+                    base = self.layout.stat(w, m, "success")
+                    for k in range(STAT_SLOTS):
+                        totals[k] += control.load_u64(base + 8 * k)
+            s = {key: totals[i] for key, i in STAT_INDEX.items()}
+            out.append(
+                {
+                    "name": name,
+                    "version": self.specs[name].version,
+                    "last_inference": s["last_ns"] // 1_000_000,
+                    "inference_count": s["rows"],
+                    "execution_count": s["batches"],
+                    "success_count": s["success"],
+                    "fail_count": s["failure"] + s["expired"],
+                    "queue_ns": s["queue_ns"],
+                    "compute_ns": s["compute_ns"],
+                    "batch_stats": {
+                        k[len("batch_le_") :]: v for k, v in s.items() if k.startswith("batch_le_") and v
+                    },
+                }
+            )
+        return out
+
+    # ---- request side ------------------------------------------------------------------------
+
+    @staticmethod
+    def _validate(
+        spec: ModelSpec, inputs: Sequence[InferInput]
+    ) -> list[tuple[int, InferInput, tuple[int, ...]]]:
+        by_name: dict[str, InferInput] = {}
+        for item in inputs:
+            if item.name in by_name:
+                raise InvalidArgument(f"input {item.name!r} given twice")
+            by_name[item.name] = item
+        ordered = []
+        rows = None
+        for tspec in spec.inputs:
+            item = by_name.pop(tspec.name, None)
+            if item is None:
+                raise InvalidArgument(f"model {spec.name!r} needs input {tspec.name!r}")
+            if item.datatype != tspec.datatype:
+                raise InvalidArgument(
+                    f"input {tspec.name!r}: datatype {item.datatype} does not match the model's {tspec.datatype}"
+                )
+            shape = tuple(int(d) for d in item.shape)
+            want = spec.full_shape(tspec)
+            if len(shape) != len(want) or len(shape) > MAX_RANK:
+                raise InvalidArgument(
+                    f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
+                )
+            count = 1
+            for d, w in zip(shape, want, strict=True):
+                if d < 0:
+                    raise InvalidArgument(f"input {tspec.name!r}: negative dimension in shape {list(shape)}")
+                if w != -1 and d != w:
+                    raise InvalidArgument(
+                        f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
+                    )
+                count *= d
+                if count > _MAX_ELEMENTS:
+                    raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} is too large")
+            nbytes = memoryview(item.data).nbytes
+            if nbytes != count * numpy_dtype(tspec.datatype).itemsize:
+                raise InvalidArgument(
+                    f"input {tspec.name!r}: {nbytes} bytes given, shape {list(shape)} of {tspec.datatype} "
+                    f"needs {count * numpy_dtype(tspec.datatype).itemsize}"
+                )
+            if spec.max_batch_size > 0:
+                if rows is None:
+                    rows = shape[0]
+                elif shape[0] != rows:
+                    raise InvalidArgument("inputs disagree on the batch size (first dimension)")
+            ordered.append((DTYPE_CODES[tspec.datatype], item, shape))
+        if by_name:
+            raise InvalidArgument(f"model {spec.name!r} has no input {next(iter(by_name))!r}")
+        if spec.max_batch_size > 0 and rows is not None and not 1 <= rows <= spec.max_batch_size:
+            raise InvalidArgument(
+                f"batch size {rows} is outside 1..{spec.max_batch_size} (max_batch_size of {spec.name!r})"
+            )
+        return ordered
+
+    @staticmethod
+    def _output_mask(spec: ModelSpec, outputs: Sequence[str] | None) -> int:
+        if not outputs:
+            return 0
+        mask = 0
+        names = [o.name for o in spec.outputs]
+        for name in outputs:
+            if name not in names:
+                spec.output(name)  # raises InvalidArgument naming the outputs
+            mask |= 1 << names.index(name)
+        return mask
+
+    def _pick(self, m: int, model: str) -> _Link:
+        n = len(self._links)
+        for k in range(n):
+            link = self._links[(self._rr + k) % n]
+            if self._active(link) and self._serves(link.w, m):
+                self._rr = (self._rr + k + 1) % n
+                return link
+        raise Unavailable(f"no worker serving model {model!r} is up")
+
+    # ---- board -------------------------------------------------------------------------------
+
+    def _board(self, offset: int) -> int:
+        control = self._control
+        return control.load_u64(offset) if control is not None else 0
+
+    def _worker_up(self, w: int) -> bool:
+        return self._board(self.layout.worker(w, F_STATE)) == PROC_UP
+
+    def _serves(self, w: int, m: int) -> bool:
+        return self._worker_up(w) and bool(self._board(self.layout.worker(w, F_MODELS)) >> m & 1)
+
+    def _active(self, link: _Link) -> bool:
+        wgen = self._board(self.layout.worker(link.w, F_GEN))
+        if wgen != link.acked:
+            self._sync_workers()
+        return link.acked != 0 and self._board(self.layout.ack_w(link.w, self.h.f)) == self.h.gen
+
+    def _sync_workers(self) -> None:
+        """Take new worker incarnations: fail what the dead one held, reset the pair, acknowledge."""
+        control = self._control
+        assert control is not None
+        for link in self._links:
+            wgen = control.load_u64(self.layout.worker(link.w, F_GEN))
+            if wgen == link.acked:
+                continue
+            for req_id in list(link.pending):
+                self._fail(req_id, WorkerDied(f"worker {link.w} died before answering; retry"))
+            link.request.reset()
+            link.response.reset()
+            link.releases.clear()
+            link.out_arena = None
+            link.acked = wgen
+            control.store_u64(self.layout.ack_f(self.h.f, link.w), wgen)
+            log.info("frontend slot %d: took worker %d generation %d", self.h.f, link.w, wgen)
+
+    # ---- completion side ---------------------------------------------------------------------
+
+    def _on_wake(self) -> None:
+        notifier = self._notifier
+        if notifier is None or self._closed:
+            return
+        while True:
+            notifier.drain()
+            self._sync_workers()
+            for link in self._links:
+                self._take_responses(link)
+                self._flush_releases(link)
+            self._publish_inflight()
+            notifier.arm()
+            # a completion pushed between our last pop and arm() signalled nobody: look again
+            if not any(not link.response.is_empty() for link in self._links):
+                return
+
+    def _take_responses(self, link: _Link) -> None:
+        parsed: dict[int, list[tuple[str, np.ndarray, bool]]] = {}
+        while True:
+            n = link.response.pop_into(self._buf)
+            if not n:
+                return
+            for d in self._buf[:n].tolist():
+                req_id, offset, length, _dl, row, rows, kind, _model, status, gen = d
+                entry = self._pending.pop(req_id, None)
+                if entry is None or entry.link is not link:
+                    if entry is not None:
+                        self._pending[req_id] = entry
+                    if offset != NO_REGION and kind in (KIND_RESPONSE, KIND_ERROR):
+                        self._release(link, offset, gen)
+                    continue
+                link.pending.discard(req_id)
+                self._inflight[entry.model] -= 1
+                arena = self._arena
+                assert arena is not None
+                arena.free(entry.region)
+                try:
+                    if kind == KIND_RESPONSE:
+                        spec = self.h.specs[entry.model]
+                        outs = parsed.get(offset)
+                        if outs is None:
+                            outs = self._parse_outputs(link, offset, length, gen, spec)
+                            parsed[offset] = outs
+                        arrays = {}
+                        for j, (name, arr, batched) in enumerate(outs):
+                            if entry.outputs and not entry.outputs >> j & 1:
+                                continue
+                            arrays[name] = arr[row : row + rows] if batched else arr
+                        result = ShmResult(self, link, offset, gen, spec.name, "", arrays)
+                        if entry.future.done():  # the caller gave up (cancelled): hand it back now
+                            result.release()
+                        else:
+                            entry.future.set_result(result)
+                    else:
+                        message = ""
+                        if offset != NO_REGION and length:
+                            message = (
+                                self._out_arena(link, gen)
+                                .view(offset, (length,))
+                                .tobytes()
+                                .decode(errors="replace")
+                            )
+                            self._release(link, offset, gen)
+                        if not entry.future.done():
+                            entry.future.set_exception(from_wire(status, message or "request failed"))
+                except EngineError as err:
+                    if not entry.future.done():
+                        entry.future.set_exception(err)
+                except Exception as exc:  # a malformed region from a worker: a bug, not the client's
+                    log.exception("bad response region from worker %d", link.w)
+                    if not entry.future.done():
+                        entry.future.set_exception(InternalError(str(exc)))
+            if n < len(self._buf):
+                return
+
+    def _out_arena(self, link: _Link, gen: int) -> Arena:
+        if link.out_arena is None or link.out_gen != gen:
+            seg = Segment.attach(worker_arena_name(self.h.base, link.w, gen), KIND_ARENA, writable=False)
+            link.out_arena = Arena.attach(seg)
+            link.out_gen = gen
+        return link.out_arena
+
+    def _parse_outputs(
+        self, link: _Link, offset: int, length: int, gen: int, spec: ModelSpec
+    ) -> list[tuple[str, np.ndarray, bool]]:
+        arena = self._out_arena(link, gen)
+        magic, n, flags, _mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES))
+        if magic != RES_MAGIC or n != len(spec.outputs):
+            raise InternalError(f"bad response region (magic {magic:#x}, {n} outputs)")
+        batched = bool(flags & FLAG_BATCHED)
+        out = []
+        for tspec, (code, ndim, _p0, _p1, d_off, nbytes, dims) in zip(
+            spec.outputs, arena.view(offset + HEADER_BYTES, (n,), TENSOR_DESC_DTYPE).tolist(), strict=True
+        ):
+            if d_off + nbytes > length:
+                raise InternalError("response tensor runs past its region")
+            arr = arena.view(offset + d_off, tuple(dims[:ndim]), numpy_dtype(CODE_TO_DTYPE[code]))
+            out.append((tspec.name, arr, batched))
+        return out
+
+    def _fail(self, req_id: int, err: EngineError) -> None:
+        entry = self._pending.pop(req_id, None)
+        if entry is None:
+            return
+        entry.link.pending.discard(req_id)
+        self._inflight[entry.model] -= 1
+        if self._arena is not None:
+            self._arena.free(entry.region)
+        if not entry.future.done():
+            entry.future.set_exception(err)
+
+    def _release(self, link: _Link, offset: int, gen: int) -> None:
+        if gen != link.acked:
+            return  # that worker incarnation is gone, and its arena with it
+        link.releases.append((offset, gen))
+        self._flush_releases(link)
+
+    def _flush_releases(self, link: _Link) -> None:
+        while link.releases:
+            offset, gen = link.releases[0]
+            if not link.request.push(KIND_RELEASE, 0, 0, offset, 0, 0, 0, 0, 0, gen):
+                link.word.notify()  # full: let the worker catch up, the rest goes out on the next wake
+                return
+            link.releases.pop(0)
+
+
+def now_deadline(timeout_s: float | None) -> int | None:
+    """Absolute deadline (time.monotonic_ns) for a relative timeout, or None."""
+    return None if timeout_s is None else time.monotonic_ns() + int(timeout_s * 1e9)

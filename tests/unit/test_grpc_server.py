@@ -1,0 +1,683 @@
+"""The gRPC front-end against `tests.fakes.FakeGateway`, through real tritonclient clients (sync and aio).
+
+Each server runs `servers.grpc_server.serve` on uvloop in a background thread on an ephemeral port; the
+clients run in the test's thread. Fixtures stop the server (and join its thread) even when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tc_aio
+import uvloop
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from engine.errors import InvalidArgument
+from protos import grpc_service_pb2 as pb
+from protos import grpc_service_pb2_grpc as pb_grpc
+from servers import grpc_server
+from servers.gateway_api import FrontendSettings, InferInput
+from servers.grpc_messages import statistics_message, typed_contents
+from tests.fakes import FakeGateway, FakeResult
+
+TIMEOUT_S = 30.0
+
+
+class RunningServer:
+    """`serve` on its own uvloop loop in a thread; `close()` sets `stop` and joins."""
+
+    def __init__(self, gateway: Any, settings: FrontendSettings) -> None:
+        self.gateway = gateway
+        self.port = 0
+        self.error: BaseException | None = None
+        self._bound = threading.Event()
+        self._loop = uvloop.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, args=(settings,), name="grpc-test-server")
+        self._thread.start()
+        if not self._bound.wait(TIMEOUT_S):
+            self.close()
+            raise TimeoutError("the gRPC server did not report its port")
+        if self.error is not None:
+            self.close()
+            raise self.error
+
+    def _on_bound(self, port: int) -> None:
+        self.port = port
+        self._bound.set()
+
+    def _run(self, settings: FrontendSettings) -> None:
+        async def main() -> None:
+            self._stop = asyncio.Event()
+            await grpc_server.serve(self.gateway, settings, self._on_bound, self._stop)
+
+        try:
+            self._loop.run_until_complete(main())
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            self._loop.close()
+            self._bound.set()
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        stop = self._stop
+        if stop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: serve() has returned
+                self._loop.call_soon_threadsafe(stop.set)
+        self._thread.join(TIMEOUT_S)
+        assert not self._thread.is_alive(), "serve() did not return after stop was set"
+
+
+@contextmanager
+def running(gateway: Any = None, **settings: Any) -> Iterator[RunningServer]:
+    server = RunningServer(gateway or FakeGateway(), FrontendSettings(**settings))
+    try:
+        yield server
+    finally:
+        server.close()
+    assert server.error is None
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RunningServer]:
+    with running() as srv:
+        yield srv
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[tc.InferenceServerClient]:
+    c = tc.InferenceServerClient(server.url)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[pb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.url) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def simple_inputs(a: np.ndarray, b: np.ndarray) -> list[tc.InferInput]:
+    inputs = []
+    for name, array in (("INPUT0", a), ("INPUT1", b)):
+        tensor = tc.InferInput(name, list(array.shape), "INT32")
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def status_of(exc: InferenceServerException) -> str:
+    return str(exc.status())
+
+
+def rng_arrays(rows: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1234)
+    return (
+        rng.integers(-1000, 1000, (rows, 16), dtype=np.int32),
+        rng.integers(-1000, 1000, (rows, 16), dtype=np.int32),
+    )
+
+
+# --- health and metadata --------------------------------------------------------------------------
+
+
+def test_live_ready_and_metadata(client: tc.InferenceServerClient) -> None:
+    assert client.is_server_live()
+    assert client.is_server_ready()
+    assert client.is_model_ready("simple")
+    assert not client.is_model_ready("no-such-model")
+    meta = client.get_server_metadata(as_json=True)
+    assert meta["name"] == "shm-inference-engine"
+    assert "statistics" in meta["extensions"]
+    model = client.get_model_metadata("simple", as_json=True)
+    assert model["name"] == "simple" and model["versions"] == ["1"]
+    assert [(t["name"], t["datatype"], t["shape"]) for t in model["inputs"]] == [
+        ("INPUT0", "INT32", ["-1", "16"]),
+        ("INPUT1", "INT32", ["-1", "16"]),
+    ]
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("no-such-model")
+    assert status_of(info.value) == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_metadata("simple", model_version="7")
+    assert status_of(info.value) == "StatusCode.NOT_FOUND"
+
+
+def test_model_config(client: tc.InferenceServerClient) -> None:
+    config = client.get_model_config("simple").config
+    assert config.name == "simple"
+    assert config.max_batch_size == 8
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("INPUT0", tc.model_config_pb2.TYPE_INT32, [16]),
+        ("INPUT1", tc.model_config_pb2.TYPE_INT32, [16]),
+    ]
+    assert config.output[0].data_type == tc.model_config_pb2.TYPE_INT32
+    identity = client.get_model_config("identity", as_json=True)["config"]
+    assert identity["dynamic_batching"]["max_queue_delay_microseconds"] == "200"
+    assert identity["input"][0]["data_type"] == "TYPE_FP32"
+
+
+def test_repository_index(client: tc.InferenceServerClient) -> None:
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {m["name"]: m["state"] for m in index} == {"simple": "READY", "identity": "READY", "fail": "READY"}
+
+
+def test_index_reports_load_errors() -> None:
+    class Broken(FakeGateway):
+        def model_load_errors(self) -> dict[str, str]:
+            return {"broken": "model.py raised ImportError"}
+
+    with running(Broken()) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        models = stub.RepositoryIndex(pb.RepositoryIndexRequest()).models
+        broken = [m for m in models if m.name == "broken"]
+        assert broken and broken[0].state == "UNAVAILABLE"
+        assert "ImportError" in broken[0].reason
+        ready = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
+        assert "broken" not in {m.name for m in ready}
+
+
+def test_statistics(client: tc.InferenceServerClient, server: RunningServer) -> None:
+    before = server.gateway.calls["simple"]
+    client.infer("simple", simple_inputs(*rng_arrays()))
+    stats = client.get_inference_statistics("simple").model_stats
+    assert [s.name for s in stats] == ["simple"]
+    assert stats[0].inference_count == before + 1
+    assert stats[0].inference_stats.success.count == before + 1
+    every = client.get_inference_statistics().model_stats
+    assert {s.name for s in every} == {"simple", "identity", "fail"}
+    with pytest.raises(InferenceServerException) as info:
+        client.get_inference_statistics("no-such-model")
+    assert status_of(info.value) == "StatusCode.NOT_FOUND"
+
+
+def test_statistics_message_reads_batch_stats() -> None:
+    message = statistics_message(
+        {"name": "m", "version": "1", "success_count": 3, "batch_stats": {"4": {"count": 2, "ns": 9}, 1: 1}}
+    )
+    assert [(b.batch_size, b.compute_infer.count, b.compute_infer.ns) for b in message.batch_stats] == [
+        (1, 1, 0),
+        (4, 2, 9),
+    ]
+    assert not message.inference_stats.HasField("compute_input")
+
+
+def test_health(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for service in ("", "inference.GRPCInferenceService", "simple"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == serving
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(service="no-such-model"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        statuses = health.List(health_pb2.HealthListRequest()).statuses
+        assert statuses["simple"].status == serving and statuses[""].status == serving
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert next(watch).status == serving
+        watch.cancel()
+
+
+def test_not_ready_gateway() -> None:
+    gateway = FakeGateway()
+    gateway.ready = False
+    with running(gateway) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            assert client.is_server_live()
+            assert not client.is_server_ready()
+            assert not client.is_model_ready("simple")
+        finally:
+            client.close()
+        with grpc.insecure_channel(srv.url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_unimplemented_rpcs(client: tc.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.get_system_shared_memory_status()
+    assert status_of(info.value) == "StatusCode.UNIMPLEMENTED"
+    with pytest.raises(InferenceServerException) as info:
+        client.load_model("simple")
+    assert status_of(info.value) == "StatusCode.UNIMPLEMENTED"
+
+
+# --- inference --------------------------------------------------------------------------------------
+
+
+def test_infer_simple_raw(client: tc.InferenceServerClient) -> None:
+    a, b = rng_arrays(rows=3)
+    result = client.infer("simple", simple_inputs(a, b), request_id="req-42")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    response = result.get_response()
+    assert response.id == "req-42"
+    assert (response.model_name, response.model_version) == ("simple", "1")
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
+        ("OUTPUT0", "INT32", [3, 16]),
+        ("OUTPUT1", "INT32", [3, 16]),
+    ]
+
+
+def test_infer_releases_results(server: RunningServer) -> None:
+    results: list[FakeResult] = []
+
+    class Recording(FakeGateway):
+        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+            result = await super().infer(*args, **kwargs)
+            results.append(result)
+            return result
+
+    with running(Recording()) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            client.infer("simple", simple_inputs(*rng_arrays()))
+        finally:
+            client.close()
+    assert len(results) == 1 and results[0].released
+
+
+def test_output_selection(client: tc.InferenceServerClient) -> None:
+    a, b = rng_arrays()
+    result = client.infer("simple", simple_inputs(a, b), outputs=[tc.InferRequestedOutput("OUTPUT1")])
+    assert [o.name for o in result.get_response().outputs] == ["OUTPUT1"]
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("simple", simple_inputs(a, b), outputs=[tc.InferRequestedOutput("NOPE")])
+    assert status_of(info.value) == "StatusCode.INVALID_ARGUMENT"
+
+
+def typed_request(model: str, datatype: str, shape: Sequence[int], **contents: Any) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model, id="typed")
+    tensor = request.inputs.add(name="INPUT0", datatype=datatype, shape=shape)
+    for field, values in contents.items():
+        getattr(tensor.contents, field).extend(values)
+    return request
+
+
+def test_infer_typed_contents(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    values = [0.5, -1.25, 3.0, 8.0]
+    response = stub.ModelInfer(typed_request("identity", "FP32", [2, 2], fp32_contents=values))
+    assert response.id == "typed"
+    assert list(response.outputs[0].shape) == [2, 2]
+    out = np.frombuffer(response.raw_output_contents[0], dtype=np.float32)
+    np.testing.assert_array_equal(out, np.array(values, dtype=np.float32))
+
+    request = typed_request("simple", "INT32", [1, 16], int_contents=range(16))
+    request.inputs.add(name="INPUT1", datatype="INT32", shape=[1, 16]).contents.int_contents.extend([2] * 16)
+    response = stub.ModelInfer(request)
+    out0 = np.frombuffer(response.raw_output_contents[0], dtype=np.int32)
+    np.testing.assert_array_equal(out0, np.arange(16, dtype=np.int32) + 2)
+
+
+@pytest.mark.parametrize(
+    ("datatype", "shape", "contents", "fragment"),
+    [
+        ("FP32", [2, 2], {"fp32_contents": [1.0, 2.0, 3.0]}, "3 elements"),
+        ("FP16", [1, 1], {"fp32_contents": [1.0]}, "no typed contents"),
+        ("FP32", [1, -2], {"fp32_contents": []}, "negative dimension"),
+        ("FP64", [1, 1], {"fp64_contents": [1.0]}, "datatype FP64"),
+    ],
+)
+def test_infer_typed_contents_errors(
+    stub: pb_grpc.GRPCInferenceServiceStub, datatype: str, shape: list[int], contents: Any, fragment: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(typed_request("identity", datatype, shape, **contents))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fragment in info.value.details()
+
+
+def test_typed_contents_range_check() -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="x", datatype="INT8", shape=[3])
+    tensor.contents.int_contents.extend([1, -128, 127])
+    array = typed_contents(tensor)
+    assert array.dtype == np.int8 and array.tolist() == [1, -128, 127]
+    tensor.contents.int_contents.append(300)
+    tensor.shape[0] = 4
+    with pytest.raises(InvalidArgument, match="out of range for INT8"):
+        typed_contents(tensor)
+    unsigned = pb.ModelInferRequest.InferInputTensor(name="u", datatype="UINT64", shape=[1])
+    unsigned.contents.uint64_contents.append(2**64 - 1)
+    assert typed_contents(unsigned).tolist() == [2**64 - 1]
+
+
+def test_unknown_model_is_not_found(client: tc.InferenceServerClient) -> None:
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("no-such-model", simple_inputs(*rng_arrays()))
+    assert status_of(info.value) == "StatusCode.NOT_FOUND"
+    assert "no-such-model" in info.value.message()
+
+
+def test_bad_inputs_are_invalid_argument(client: tc.InferenceServerClient) -> None:
+    wrong_dtype = tc.InferInput("INPUT0", [1, 16], "FP32")
+    wrong_dtype.set_data_from_numpy(np.zeros((1, 16), dtype=np.float32))
+    ok = simple_inputs(*rng_arrays(rows=1))[1]
+    wrong_shape = simple_inputs(np.zeros((1, 15), np.int32), np.zeros((1, 15), np.int32))
+    for inputs in ([wrong_dtype, ok], wrong_shape, [ok]):
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("simple", inputs)
+        assert status_of(info.value) == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_wrong_byte_count_is_invalid_argument(stub: pb_grpc.GRPCInferenceServiceStub) -> None:
+    request = pb.ModelInferRequest(model_name="simple")
+    request.inputs.add(name="INPUT0", datatype="INT32", shape=[1, 16])
+    request.inputs.add(name="INPUT1", datatype="INT32", shape=[1, 16])
+    request.raw_input_contents.extend([bytes(64), bytes(60)])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "60 bytes" in info.value.details()
+
+    del request.raw_input_contents[1]  # one raw buffer for two inputs
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_model_error_is_internal_with_message(client: tc.InferenceServerClient) -> None:
+    tensor = tc.InferInput("INPUT0", [1, 4], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("fail", [tensor])
+    assert status_of(info.value) == "StatusCode.INTERNAL"
+    assert "always fails" in info.value.message()
+
+
+def test_unexpected_error_is_internal_without_details(caplog: pytest.LogCaptureFixture) -> None:
+    class Buggy(FakeGateway):
+        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+            raise KeyError("secret detail")
+
+    with running(Buggy()) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("simple", simple_inputs(*rng_arrays()))
+        finally:
+            client.close()
+    assert status_of(info.value) == "StatusCode.INTERNAL"
+    assert info.value.message() == "internal error"
+    assert any("frontend grpc#0" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def test_deadline_exceeded() -> None:
+    deadlines: list[int | None] = []
+
+    class Slow(FakeGateway):
+        async def infer(self, *args: Any, deadline_ns: int | None = None, **kwargs: Any) -> FakeResult:
+            deadlines.append(deadline_ns)
+            return await super().infer(*args, deadline_ns=deadline_ns, **kwargs)
+
+    with running(Slow(delay_s=0.2)) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            before = time.monotonic_ns()
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("simple", simple_inputs(*rng_arrays()), client_timeout=0.05)
+            assert status_of(info.value) == "StatusCode.DEADLINE_EXCEEDED"
+            client.infer("simple", simple_inputs(*rng_arrays()))  # no timeout: no deadline
+        finally:
+            client.close()
+    assert len(deadlines) == 2
+    assert deadlines[0] is not None and deadlines[0] > before
+    assert deadlines[1] is None
+
+
+def test_oversize_message_is_resource_exhausted() -> None:
+    with running(max_message_bytes=64 * 1024) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            big = tc.InferInput("INPUT0", [1, 32 * 1024], "FP32")
+            big.set_data_from_numpy(np.zeros((1, 32 * 1024), dtype=np.float32))
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("identity", [big])
+            assert status_of(info.value) == "StatusCode.RESOURCE_EXHAUSTED"
+            small = tc.InferInput("INPUT0", [1, 4], "FP32")
+            small.set_data_from_numpy(np.ones((1, 4), dtype=np.float32))
+            assert client.infer("identity", [small]).as_numpy("OUTPUT0").shape == (1, 4)
+        finally:
+            client.close()
+
+
+def test_aio_client() -> None:
+    async def main(url: str) -> None:
+        client = tc_aio.InferenceServerClient(url)
+        try:
+            assert await client.is_server_live()
+            assert await client.is_model_ready("identity")
+            meta = await client.get_model_metadata("identity", as_json=True)
+            assert meta["inputs"][0]["shape"] == ["-1", "-1"]
+            a, b = rng_arrays()
+            result = await client.infer("simple", simple_inputs(a, b), request_id="aio-1")
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+            assert result.get_response().id == "aio-1"
+            with pytest.raises(InferenceServerException) as info:
+                await client.infer("no-such-model", simple_inputs(a, b))
+            assert status_of(info.value) == "StatusCode.NOT_FOUND"
+        finally:
+            await client.close()
+
+    with running() as srv:
+        asyncio.run(main(srv.url))
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+
+
+class GatedGateway(FakeGateway):
+    """Holds every request until ``count`` are in flight at once, then lets them all go."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.waiting = 0
+        self.peak = 0
+        self.gate: asyncio.Event | None = None
+
+    async def infer(self, model: str, inputs: Sequence[InferInput], **kwargs: Any) -> FakeResult:
+        if self.gate is None:
+            self.gate = asyncio.Event()
+        self.waiting += 1
+        self.peak = max(self.peak, self.waiting)
+        if self.waiting >= self.count:
+            self.gate.set()
+        try:
+            await asyncio.wait_for(self.gate.wait(), TIMEOUT_S)
+        finally:
+            self.waiting -= 1
+        return await super().infer(model, inputs, **kwargs)
+
+
+def identity_input(value: float) -> list[tc.InferInput]:
+    tensor = tc.InferInput("INPUT0", [1, 2], "FP32")
+    tensor.set_data_from_numpy(np.array([[value, -value]], dtype=np.float32))
+    return [tensor]
+
+
+def test_stream_infer_thousand_in_flight() -> None:
+    count = 1000
+    gateway = GatedGateway(count)
+    results: dict[str, np.ndarray] = {}
+    errors: list[Any] = []
+    all_done = threading.Event()
+
+    def callback(result: Any, error: Any) -> None:
+        if error is not None:
+            errors.append(error)
+        else:
+            results[result.get_response().id] = result.as_numpy("OUTPUT0")
+        if len(results) + len(errors) == count:
+            all_done.set()
+
+    with running(gateway) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            client.start_stream(callback)
+            for i in range(count):
+                client.async_stream_infer("identity", identity_input(float(i)), request_id=str(i))
+            assert all_done.wait(TIMEOUT_S), f"{len(results)} answers of {count}"
+            client.stop_stream()
+        finally:
+            client.close()
+    assert errors == []
+    assert gateway.peak == count
+    for i in range(count):
+        np.testing.assert_array_equal(results[str(i)], [[i, -i]])
+
+
+def test_stream_errors_do_not_end_the_stream() -> None:
+    async def main(url: str) -> list[tuple[str, str]]:
+        client = tc_aio.InferenceServerClient(url)
+
+        async def requests() -> Any:
+            for i in range(20):
+                model = "fail" if i % 5 == 0 else "identity"
+                yield {"model_name": model, "inputs": identity_input(float(i)), "request_id": str(i)}
+
+        seen: list[tuple[str, str]] = []
+        try:
+            async for result, error in client.stream_infer(requests()):
+                if error is not None:
+                    seen.append(("error", error.message()))
+                else:
+                    response = result.get_response()
+                    assert result.as_numpy("OUTPUT0")[0, 0] == float(response.id)
+                    seen.append(("ok", response.id))
+                if len(seen) == 20:
+                    break
+        finally:
+            await client.close()
+        return seen
+
+    with running() as srv:
+        seen = asyncio.run(main(srv.url))
+    assert sorted(int(i) for kind, i in seen if kind == "ok") == [i for i in range(20) if i % 5]
+    failure = "model 'fail' raised RuntimeError: always fails"
+    assert [m for kind, m in seen if kind == "error"] == [failure] * 4
+
+
+def test_stream_error_echoes_id(server: RunningServer) -> None:
+    with grpc.insecure_channel(server.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        requests = [pb.ModelInferRequest(model_name="no-such-model", id="lost-1")]
+        responses = list(stub.ModelStreamInfer(iter(requests), timeout=TIMEOUT_S))
+    assert len(responses) == 1
+    assert responses[0].infer_response.id == "lost-1"
+    assert "no-such-model" in responses[0].error_message
+
+
+# --- robustness and transport --------------------------------------------------------------------------
+
+
+def test_garbage_bytes_then_good_request(client: tc.InferenceServerClient, server: RunningServer) -> None:
+    seed = 20240601
+    print(f"garbage seed {seed}")
+    rng = random.Random(seed)
+    payloads = [
+        rng.randbytes(4096),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + rng.randbytes(2048),  # a valid preface, then junk frames
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for payload in payloads:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT_S) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # the server answers or closes; either way it must not hang up on us
+                pass
+    a, b = rng_arrays()
+    result = client.infer("simple", simple_inputs(a, b))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+
+
+def test_bearer_auth() -> None:
+    with running(auth_tokens=("s3cret",)) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                client.is_server_live()
+            assert status_of(info.value) == "StatusCode.UNAUTHENTICATED"
+            with pytest.raises(InferenceServerException) as info:
+                client.infer("simple", simple_inputs(*rng_arrays()), headers={"authorization": "Bearer nope"})
+            assert status_of(info.value) == "StatusCode.UNAUTHENTICATED"
+            assert client.is_server_live(headers={"authorization": "Bearer s3cret"})
+            a, b = rng_arrays()
+            result = client.infer("simple", simple_inputs(a, b), headers={"authorization": "Bearer s3cret"})
+            np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+        finally:
+            client.close()
+        with grpc.insecure_channel(srv.url) as channel:  # health probes carry no token
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reuse_port_lets_two_servers_share_a_port() -> None:
+    with running(reuse_port=True) as first, running(reuse_port=True, port=first.port) as second:
+        assert second.port == first.port
+        client = tc.InferenceServerClient(second.url)
+        try:
+            assert client.is_server_live()
+        finally:
+            client.close()
+
+
+def test_busy_port_without_reuse_port_raises() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match="cannot bind"), running(port=port):
+            pass
+
+
+def test_cancelled_stream_cancels_its_requests() -> None:
+    count = 10
+    all_waiting = threading.Event()
+    all_cancelled = threading.Event()
+
+    class Stuck(FakeGateway):
+        waiting = 0
+        cancelled = 0
+
+        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+            self.waiting += 1
+            if self.waiting == count:
+                all_waiting.set()
+            try:
+                await asyncio.Event().wait()  # never answers
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                if self.cancelled == count:
+                    all_cancelled.set()
+                raise
+            raise AssertionError("unreachable")
+
+    with running(Stuck()) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        requests = [typed_request("identity", "FP32", [1, 1], fp32_contents=[i]) for i in range(count)]
+        call = stub.ModelStreamInfer(iter(requests))
+        assert all_waiting.wait(TIMEOUT_S)
+        call.cancel()
+        assert all_cancelled.wait(TIMEOUT_S)

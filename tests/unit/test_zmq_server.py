@@ -1,0 +1,446 @@
+"""Tests of the ZMQ front-end and its clients against `tests.fakes.FakeGateway` on an ephemeral port.
+
+The server runs on uvloop in a thread of its own; the tests talk to it over TCP with the shipped
+clients and with a raw DEALER socket that sends whatever bytes a test wants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import uvloop
+import zmq
+
+from engine.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidArgument,
+    ModelError,
+    NotFound,
+    ResourceExhausted,
+)
+from servers.client.zmq_client import AsyncZmqClient, ZmqClient
+from servers.gateway_api import FrontendSettings, InferInput
+from servers.zmq_protocol import (
+    PREFIX,
+    MsgType,
+    Reply,
+    Unauthenticated,
+    decode_reply,
+    encode_header,
+    encode_ping,
+    encode_request,
+)
+from servers.zmq_server import ZmqFrontend
+from tests.fakes import FakeGateway, FakeResult
+
+WAIT_S = 10.0
+
+
+class RecordingGateway(FakeGateway):
+    """FakeGateway that keeps its results (to check release), can hold requests at a gate and can
+    raise a non-engine exception for model ``crash``."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__(delay_s)
+        self.results: list[FakeResult] = []
+        self.gate: asyncio.Event | None = None
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+        request_id: str = "",
+    ) -> FakeResult:
+        if model == "crash":
+            raise RuntimeError("secret internals")
+        if self.gate is not None:
+            await self.gate.wait()
+        result = await super().infer(
+            model, inputs, outputs=outputs, deadline_ns=deadline_ns, request_id=request_id
+        )
+        self.results.append(result)
+        return result
+
+
+class ServerThread:
+    """`ZmqFrontend.run` on uvloop in a thread; `close` stops it and joins."""
+
+    def __init__(self, gateway: FakeGateway, settings: FrontendSettings, max_inflight: int = 4096) -> None:
+        self.gateway = gateway
+        self.frontend = ZmqFrontend(gateway, settings, max_inflight=max_inflight)
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="zmq-server", daemon=True)
+        self._thread.start()
+        assert self._bound.wait(WAIT_S), "server did not bind"
+        assert self._error is None, self._error
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def call_soon(self, fn: Any, *args: Any) -> None:
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def _main(self) -> None:
+        try:
+            uvloop.run(self._serve())
+        except BaseException as exc:
+            self._error = exc
+            self._bound.set()
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+
+        def on_bound(port: int) -> None:
+            self.port = port
+            self._bound.set()
+
+        await self.frontend.run(on_bound, self._stop)
+
+    def close(self) -> None:
+        assert self._stop is not None
+        if self._thread.is_alive():
+            self.call_soon(self._stop.set)
+        self._thread.join(WAIT_S)
+        assert not self._thread.is_alive(), "server did not stop"
+        if self._error is not None:
+            raise self._error
+
+
+@pytest.fixture
+def gateway() -> RecordingGateway:
+    return RecordingGateway()
+
+
+@pytest.fixture
+def server(gateway: RecordingGateway) -> Iterator[ServerThread]:
+    srv = ServerThread(gateway, FrontendSettings(port=0))
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[ZmqClient]:
+    with ZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
+        yield c
+
+
+class RawPeer:
+    """A DEALER that sends arbitrary frames and reads one reply at a time."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, int(WAIT_S * 1000))
+        self.sock.connect(endpoint)
+
+    def ask(self, frames: Sequence[Any]) -> Reply:
+        self.sock.send_multipart(list(frames))
+        return decode_reply(self.sock.recv_multipart())
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.fixture
+def raw(server: ServerThread) -> Iterator[RawPeer]:
+    peer = RawPeer(server.endpoint)
+    yield peer
+    peer.close()
+
+
+def simple_inputs(rows: int = 1) -> dict[str, np.ndarray]:
+    a = np.arange(16 * rows, dtype=np.int32).reshape(rows, 16)
+    return {"INPUT0": a, "INPUT1": np.full((rows, 16), 3, dtype=np.int32)}
+
+
+def check_simple(out: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> None:
+    np.testing.assert_array_equal(out["OUTPUT0"], inputs["INPUT0"] + inputs["INPUT1"])
+    np.testing.assert_array_equal(out["OUTPUT1"], inputs["INPUT0"] - inputs["INPUT1"])
+
+
+# -- inference ---------------------------------------------------------------------------------
+
+
+def test_simple_infer(client: ZmqClient) -> None:
+    inputs = simple_inputs(rows=3)
+    out = client.infer("simple", inputs)
+    assert set(out) == {"OUTPUT0", "OUTPUT1"}
+    check_simple(out, inputs)
+    assert out["OUTPUT0"].dtype == np.int32 and out["OUTPUT0"].shape == (3, 16)
+
+
+def test_requested_outputs_only(client: ZmqClient) -> None:
+    out = client.infer("simple", simple_inputs(), outputs=["OUTPUT1"])
+    assert set(out) == {"OUTPUT1"}
+
+
+@pytest.mark.parametrize("n", [0, 5, 200_000])  # empty, small (copied) and large (zero-copy) replies
+def test_identity_round_trip_and_release(server: ServerThread, gateway: RecordingGateway, n: int) -> None:
+    x = np.random.default_rng(n).standard_normal((1, n)).astype(np.float32)
+    with ZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
+        out = c.infer("identity", {"INPUT0": x})
+    np.testing.assert_array_equal(out["OUTPUT0"], x)
+    server.close()
+    assert len(gateway.results) == 1 and gateway.results[0].released
+
+
+def test_many_in_flight_with_the_sync_client(client: ZmqClient) -> None:
+    batch = [{"INPUT0": np.full((1, 8), i, dtype=np.float32)} for i in range(50)]
+    for i, out in enumerate(client.infer_many("identity", batch)):
+        assert out["OUTPUT0"][0, 0] == i
+
+
+def test_500_concurrent_async_requests(server: ServerThread, gateway: RecordingGateway) -> None:
+    async def main() -> list[dict[str, np.ndarray]]:
+        async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S * 3) as c:
+            return await asyncio.gather(
+                *(c.infer("identity", {"INPUT0": np.full((1, i % 7 + 1), i, np.float32)}) for i in range(500))
+            )
+
+    outs = asyncio.run(main())
+    for i, out in enumerate(outs):
+        assert out["OUTPUT0"].shape == (1, i % 7 + 1)
+        assert (out["OUTPUT0"] == i).all()
+    assert gateway.calls["identity"] == 500
+
+
+def test_async_client_errors_ping_and_metadata(server: ServerThread) -> None:
+    async def main() -> None:
+        async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
+            assert await c.ping()
+            assert (await c.metadata("identity"))["max_batch_size"] == 64
+            with pytest.raises(NotFound):
+                await c.infer("nope", {"INPUT0": np.zeros((1, 1), np.float32)})
+            with pytest.raises(ModelError):
+                await c.infer("fail", {"INPUT0": np.zeros((1, 1), np.float32)})
+            out = await c.infer_many("simple", [simple_inputs(), simple_inputs(2)])
+            check_simple(out[1], simple_inputs(2))
+        with pytest.raises(Exception, match="closed"):
+            await c.infer("simple", simple_inputs())
+        await c.close()  # twice is fine
+
+    asyncio.run(main())
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_unknown_model(client: ZmqClient) -> None:
+    with pytest.raises(NotFound, match="nope"):
+        client.infer("nope", simple_inputs())
+
+
+def test_wrong_shape_and_dtype(client: ZmqClient) -> None:
+    with pytest.raises(InvalidArgument, match="shape"):
+        client.infer("simple", {"INPUT0": np.zeros((1, 15), np.int32), "INPUT1": np.zeros((1, 15), np.int32)})
+    with pytest.raises(InvalidArgument, match="datatype"):
+        client.infer("simple", {k: v.astype(np.float64) for k, v in simple_inputs().items()})
+    with pytest.raises(InvalidArgument, match="missing"):
+        client.infer("simple", {"INPUT0": np.zeros((1, 16), np.int32)})
+    check_simple(client.infer("simple", simple_inputs()), simple_inputs())
+
+
+def test_wrong_byte_count_from_a_raw_peer(raw: RawPeer) -> None:
+    frames = encode_request(11, "simple", simple_inputs())
+    reply = raw.ask([frames[0], frames[1], b"\0" * 10])
+    assert reply.request_id == 11 and isinstance(reply.error, InvalidArgument)
+    assert "needs 64" in reply.error.message
+
+
+def test_model_error(client: ZmqClient) -> None:
+    with pytest.raises(ModelError, match="always fails"):
+        client.infer("fail", {"INPUT0": np.ones((1, 3), np.float32)})
+
+
+def test_unexpected_gateway_exception_is_internal_and_hidden(client: ZmqClient) -> None:
+    with pytest.raises(InternalError) as info:
+        client.infer("crash", {"INPUT0": np.ones((1, 3), np.float32)})
+    assert "secret" not in str(info.value)
+    check_simple(client.infer("simple", simple_inputs()), simple_inputs())
+
+
+def test_client_timeout_raises_deadline_exceeded_and_ignores_the_late_reply() -> None:
+    srv = ServerThread(RecordingGateway(delay_s=0.2), FrontendSettings(port=0))
+    try:
+        with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
+            with pytest.raises(DeadlineExceeded):
+                c.infer("identity", {"INPUT0": np.ones((1, 2), np.float32)}, timeout_s=0.05)
+            # the late reply to the first request arrives meanwhile and must not be taken for this one
+            out = c.infer("identity", {"INPUT0": np.full((1, 2), 7, np.float32)})
+            assert (out["OUTPUT0"] == 7).all()
+
+        async def main() -> None:
+            async with AsyncZmqClient(srv.endpoint, timeout_s=0.05) as ac:
+                with pytest.raises(DeadlineExceeded):
+                    await ac.infer("identity", {"INPUT0": np.ones((1, 2), np.float32)})
+                out = await ac.infer("identity", {"INPUT0": np.full((1, 2), 8, np.float32)}, timeout_s=WAIT_S)
+                assert (out["OUTPUT0"] == 8).all()
+
+        asyncio.run(main())
+    finally:
+        srv.close()
+
+
+def test_server_enforces_the_deadline_it_is_sent() -> None:
+    srv = ServerThread(RecordingGateway(delay_s=0.2), FrontendSettings(port=0))
+    peer = RawPeer(srv.endpoint)
+    try:
+        reply = peer.ask(
+            encode_request(5, "identity", {"INPUT0": np.ones((1, 2), np.float32)}, timeout_us=50_000)
+        )
+        assert reply.request_id == 5 and isinstance(reply.error, DeadlineExceeded)
+    finally:
+        peer.close()
+        srv.close()
+
+
+GARBAGE: list[tuple[str, list[Any], int]] = [
+    ("random bytes", [os.urandom(100)], 0),
+    ("empty frame", [b""], 0),
+    ("many garbage frames", [os.urandom(10) for _ in range(5)], 0),
+    ("truncated prefix", [encode_header(MsgType.REQUEST, 9, {})[:20]], 0),
+    ("bad version", [PREFIX.pack(b"SIE1", 2, 1, 0, 9, 0, 0)], 9),
+    ("json garbage", [PREFIX.pack(b"SIE1", 1, 1, 0, 9, 0, 4) + b"\xff\xfe{]"], 9),
+    ("missing tensor frame", encode_request(9, "simple", simple_inputs())[:2], 9),
+    ("extra tensor frame", [*encode_request(9, "simple", simple_inputs()), b"x"], 9),
+    ("tensor frames without a header", [b"", b"\0" * 64, b"\0" * 64], 0),
+    ("reply sent to the server", [encode_header(MsgType.PONG, 9, {"ready": True})], 9),
+]
+
+
+@pytest.mark.parametrize(("frames", "request_id"), [g[1:] for g in GARBAGE], ids=[g[0] for g in GARBAGE])
+def test_garbage_gets_an_error_and_the_server_lives_on(
+    raw: RawPeer, client: ZmqClient, frames: list[Any], request_id: int
+) -> None:
+    reply = raw.ask(frames)
+    assert reply.msg_type is MsgType.ERROR and reply.request_id == request_id
+    assert isinstance(reply.error, InvalidArgument)
+    good = raw.ask(encode_request(10, "simple", simple_inputs()))
+    assert good.request_id == 10 and good.outputs is not None
+    check_simple(good.outputs, simple_inputs())
+    check_simple(client.infer("simple", simple_inputs()), simple_inputs())
+
+
+def test_oversize_messages() -> None:
+    srv = ServerThread(RecordingGateway(), FrontendSettings(port=0, max_message_bytes=4096))
+    peer = RawPeer(srv.endpoint)
+    try:
+        # every frame under the limit, the sum over it: the server answers
+        header = encode_request(3, "identity", {"INPUT0": np.ones((1, 1500), np.float32)})
+        reply = peer.ask([header[0], b"\0" * 3000, b"\0" * 3000])
+        assert reply.request_id == 3 and isinstance(reply.error, ResourceExhausted)
+        with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
+            # one frame over the limit: libzmq drops the connection, no reply
+            with pytest.raises(DeadlineExceeded):
+                c.infer("identity", {"INPUT0": np.ones((1, 2000), np.float32)}, timeout_s=0.5)
+            # the DEALER reconnects by itself
+            out = c.infer("identity", {"INPUT0": np.full((1, 4), 2, np.float32)})
+            assert (out["OUTPUT0"] == 2).all()
+    finally:
+        peer.close()
+        srv.close()
+
+
+def test_busy_beyond_max_inflight() -> None:
+    gw = RecordingGateway()
+    gw.gate = asyncio.Event()
+    srv = ServerThread(gw, FrontendSettings(port=0), max_inflight=2)
+    try:
+        with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
+            futures = [c.submit("simple", simple_inputs()) for _ in range(5)]
+            for f in futures[2:]:
+                with pytest.raises(ResourceExhausted, match="busy"):
+                    f.result()
+            srv.call_soon(gw.gate.set)
+            for f in futures[:2]:
+                check_simple(f.result(), simple_inputs())
+            assert c.ping()
+    finally:
+        srv.close()
+
+
+# -- health, metadata, auth --------------------------------------------------------------------
+
+
+def test_ping_and_metadata(client: ZmqClient, gateway: RecordingGateway) -> None:
+    assert client.ping()
+    gateway.ready = False
+    assert not client.ping()
+    meta = client.metadata("simple")
+    assert meta["name"] == "simple" and meta["max_batch_size"] == 8 and meta["ready"] is False
+    assert meta["inputs"] == [
+        {"name": "INPUT0", "datatype": "INT32", "shape": [-1, 16]},
+        {"name": "INPUT1", "datatype": "INT32", "shape": [-1, 16]},
+    ]
+    with pytest.raises(NotFound):
+        client.metadata("nope")
+
+
+def test_auth() -> None:
+    srv = ServerThread(RecordingGateway(), FrontendSettings(port=0, auth_tokens=("s3cret", "other")))
+    try:
+        for token in (None, "wrong", "s3cre", "ünïcode"):
+            with ZmqClient(srv.endpoint, timeout_s=WAIT_S, token=token) as c:
+                with pytest.raises(Unauthenticated):
+                    c.infer("simple", simple_inputs())
+                with pytest.raises(Unauthenticated):
+                    c.metadata("simple")
+                assert c.ping()  # health needs no token
+        for token in ("s3cret", "other"):
+            with ZmqClient(srv.endpoint, timeout_s=WAIT_S, token=token) as c:
+                check_simple(c.infer("simple", simple_inputs()), simple_inputs())
+                assert c.metadata("simple")["name"] == "simple"
+    finally:
+        srv.close()
+
+
+def test_no_auth_ignores_tokens(client: ZmqClient, server: ServerThread) -> None:
+    with ZmqClient(server.endpoint, timeout_s=WAIT_S, token="anything") as c:
+        check_simple(c.infer("simple", simple_inputs()), simple_inputs())
+
+
+def test_client_future_done_and_close_twice(server: ServerThread) -> None:
+    c = ZmqClient(server.endpoint, timeout_s=WAIT_S)
+    f = c.submit("simple", simple_inputs())
+    while not f.done():
+        c._sock.poll(100)  # wait for the reply without taking it
+    check_simple(f.result(), simple_inputs())
+    assert f.result() is f.result()  # a second call returns the same outputs
+    c.close()
+    c.close()
+    with pytest.raises(Exception, match="closed"):
+        c.infer("simple", simple_inputs())
+
+
+def test_ping_timeout_when_nobody_listens() -> None:
+    # a port nobody serves: reserve one with a bound socket that never answers
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with ZmqClient(f"tcp://127.0.0.1:{port}", timeout_s=0.1) as c, pytest.raises(DeadlineExceeded):
+            c.ping()
+        raw_ping = encode_ping(1)
+        assert len(raw_ping) == 1
+    finally:
+        silent.close(linger=0)
+        ctx.term()
