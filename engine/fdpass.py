@@ -17,7 +17,7 @@ class PassFd:
         self.fd = fd
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_rebuild, (reduction.DupFd(self.fd),))  # type: ignore[attr-defined]
+        return (_rebuild, (reduction.DupFd(self.fd),))
 
 
 def _rebuild(dup: Any) -> int:

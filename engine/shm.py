@@ -21,7 +21,7 @@ a fresh arena and peers still reading the old one keep their mapping until they 
 
 Request region (front-end arena, written by the front-end):
 
-    +0   u32 magic 'SIRQ'  u16 n_inputs  u16 flags  u32 output_mask (bit j = output j wanted; 0 = all)  u32 pad
+    +0   u32 magic 'SIRQ'  u16 n_inputs  u16 flags  u32 output_mask (bit j = output j; 0 = all)  u32 pad
     +16  InputDesc[n]: u8 dtype code, u8 ndim, u16 pad, u32 pad, u64 data offset (from region start),
          u64 nbytes, i64 dims[8]                                                    (88 B each)
     ...  tensor bytes, each 64-byte aligned
@@ -74,7 +74,17 @@ MAX_MODELS = 64
 MAX_RANK = 8
 
 #: per (worker, model) counters, in this order
-STAT_NAMES = ("success", "failure", "batches", "rows", "queue_ns", "compute_ns", "expired", "last_ns", *tuple(f"batch_le_{1 << i}" for i in range(10)))
+STAT_NAMES = (
+    "success",
+    "failure",
+    "batches",
+    "rows",
+    "queue_ns",
+    "compute_ns",
+    "expired",
+    "last_ns",
+    *tuple(f"batch_le_{1 << i}" for i in range(10)),
+)
 STAT_SLOTS = 20
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 

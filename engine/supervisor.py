@@ -92,7 +92,7 @@ def next_pow2(n: int) -> int:
 
 def sweep_stale_segments() -> list[str]:
     """Unlink segments left by engine processes that are gone (a supervisor killed with SIGKILL)."""
-    removed = []
+    removed: list[str] = []
     if not SHM_DIR.is_dir():
         return removed
     for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
@@ -100,9 +100,8 @@ def sweep_stale_segments() -> list[str]:
             pid = segment_info(path.name)["creator_pid"]
         except Exception:
             continue  # not ours, or not readable: leave it
-        if pid and not _alive(pid):
-            if unlink_segment(path.name):
-                removed.append(path.name)
+        if pid and not _alive(pid) and unlink_segment(path.name):
+            removed.append(path.name)
     if removed:
         log.warning("removed %d stale segments of dead engine processes", len(removed))
     return removed
@@ -162,7 +161,9 @@ class Supervisor:
             for i in range(count):
                 frontends.append(Child("frontend", 0, f"frontend {proto}#{i}", protocol=proto, instance=i))
         for i in range(self.embedded_frontends):
-            frontends.append(Child("frontend", 0, f"embedded#{i}", protocol="embedded", instance=i, embedded=True))
+            frontends.append(
+                Child("frontend", 0, f"embedded#{i}", protocol="embedded", instance=i, embedded=True)
+            )
         for f, child in enumerate(frontends):
             child.index = f
         self.children = workers + frontends
@@ -216,8 +217,8 @@ class Supervisor:
             raise ShmTooSmall(
                 f"/dev/shm has {free >> 20} MiB free but the engine needs {need >> 20} MiB for its arenas "
                 f"({n_workers} workers x {cfg.worker_arena_mb} MiB, {n_frontends} front-ends x "
-                f"{cfg.frontend_arena_mb} MiB). In Docker run with --ipc=host or --shm-size={(need >> 20) + 64}m, "
-                "or lower worker_arena_mb / frontend_arena_mb"
+                f"{cfg.frontend_arena_mb} MiB). In Docker run with --ipc=host or "
+                f"--shm-size={(need >> 20) + 64}m, or lower worker_arena_mb / frontend_arena_mb"
             )
 
     def _new_generation(self, child: Child) -> None:
@@ -265,7 +266,7 @@ class Supervisor:
                 threads=cfg.worker_threads,
                 log_level=cfg.log_level,
             )
-            target = run
+            target: Any = run
         else:
             from servers.frontend import FrontendArgs
             from servers.frontend import run as frun
@@ -361,9 +362,9 @@ class Supervisor:
             proc = child.process
             if proc is not None and not proc.is_alive() and not self.stopping:
                 self._on_exit(child, proc.exitcode)
-            if child.process is None and child.restart_at is not None and now >= child.restart_at:
-                if not self.stopping and self.failed is None:
-                    self._spawn(child)
+            due = child.process is None and child.restart_at is not None and now >= child.restart_at
+            if due and not self.stopping and self.failed is None:
+                self._spawn(child)
         for child in self.children:
             if child.role == "frontend" and child.process is not None and self.control is not None:
                 port = self.control.load_u64(self._slot(child) + F_PORT)
@@ -491,10 +492,14 @@ class Supervisor:
                     "uptime_s": round((now - started) / 1e9, 3) if started else 0.0,
                     "restarts": len(c.restarts),
                     "heartbeat_age_s": (
-                        round((now - control.load_u64(slot + F_HEARTBEAT)) / 1e9, 3) if control is not None else None
+                        round((now - control.load_u64(slot + F_HEARTBEAT)) / 1e9, 3)
+                        if control is not None
+                        else None
                     ),
                     "port": c.port or None,
-                    "inflight": control.load_u64(slot + F_INFLIGHT) if control and c.role == "frontend" else None,
+                    "inflight": control.load_u64(slot + F_INFLIGHT)
+                    if control and c.role == "frontend"
+                    else None,
                 }
             )
         return {

@@ -224,7 +224,8 @@ class ShmGateway:
             waiting = [
                 link
                 for link in self._links
-                if self._worker_up(link.w) and control.load_u64(self.layout.ack_w(link.w, self.h.f)) != self.h.gen
+                if self._worker_up(link.w)
+                and control.load_u64(self.layout.ack_w(link.w, self.h.f)) != self.h.gen
             ]
             if not waiting:
                 return
@@ -303,13 +304,15 @@ class ShmGateway:
         link = self._pick(m, model)
         arena = self._arena
         assert arena is not None
-        nbytes = [memoryview(item.data).nbytes for _, item, _ in ordered]
+        nbytes = [_nbytes(item.data) for _, item, _ in ordered]
         total, offs = region_layout(nbytes)
         region = arena.try_alloc(total) if total <= arena.max_block else -1
         if region < 0:
             raise ResourceExhausted("front-end arena is full; retry later")
         try:
-            REGION_HEADER.pack_into(arena.view(region, HEADER_BYTES), 0, REQ_MAGIC, len(ordered), 0, mask, 0)
+            REGION_HEADER.pack_into(
+                arena.view(region, HEADER_BYTES).data, 0, REQ_MAGIC, len(ordered), 0, mask, 0
+            )
             descs = arena.view(region + HEADER_BYTES, (len(ordered),), TENSOR_DESC_DTYPE)
             for j, (code, item, shape) in enumerate(ordered):
                 descs[j] = (
@@ -391,12 +394,14 @@ class ShmGateway:
         ordered = []
         rows = None
         for tspec in spec.inputs:
-            item = by_name.pop(tspec.name, None)
-            if item is None:
+            found = by_name.pop(tspec.name, None)
+            if found is None:
                 raise InvalidArgument(f"model {spec.name!r} needs input {tspec.name!r}")
+            item = found
             if item.datatype != tspec.datatype:
                 raise InvalidArgument(
-                    f"input {tspec.name!r}: datatype {item.datatype} does not match the model's {tspec.datatype}"
+                    f"input {tspec.name!r}: datatype {item.datatype} does not match "
+                    f"the model's {tspec.datatype}"
                 )
             shape = tuple(int(d) for d in item.shape)
             want = spec.full_shape(tspec)
@@ -415,7 +420,7 @@ class ShmGateway:
                 count *= d
                 if count > _MAX_ELEMENTS:
                     raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} is too large")
-            nbytes = memoryview(item.data).nbytes
+            nbytes = _nbytes(item.data)
             if nbytes != count * numpy_dtype(tspec.datatype).itemsize:
                 raise InvalidArgument(
                     f"input {tspec.name!r}: {nbytes} bytes given, shape {list(shape)} of {tspec.datatype} "
@@ -580,7 +585,7 @@ class ShmGateway:
         self, link: _Link, offset: int, length: int, gen: int, spec: ModelSpec
     ) -> list[tuple[str, np.ndarray, bool]]:
         arena = self._out_arena(link, gen)
-        magic, n, flags, _mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES))
+        magic, n, flags, _mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES).data)
         if magic != RES_MAGIC or n != len(spec.outputs):
             raise InternalError(f"bad response region (magic {magic:#x}, {n} outputs)")
         batched = bool(flags & FLAG_BATCHED)
@@ -618,6 +623,12 @@ class ShmGateway:
                 link.word.notify()  # full: let the worker catch up, the rest goes out on the next wake
                 return
             link.releases.pop(0)
+
+
+def _nbytes(data: object) -> int:
+    if isinstance(data, np.ndarray):
+        return int(data.nbytes)
+    return memoryview(data).nbytes  # type: ignore[arg-type]
 
 
 def now_deadline(timeout_s: float | None) -> int | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES
+from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, kserve_name
 from engine.errors import DeadlineExceeded, EngineError, InternalError, InvalidArgument, ResourceExhausted
 from engine.models.spec import ModelSpec
 from engine.shm import (
@@ -273,7 +273,7 @@ class WorkerCore:
         now: int,
     ) -> Pending:
         arena = self._peer_arena(peer)
-        magic, n, _flags, mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES))
+        magic, n, _flags, mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES).data)
         if magic != REQ_MAGIC or n != len(spec.inputs):
             raise InvalidArgument(f"bad request region (magic {magic:#x}, {n} inputs)")
         if HEADER_BYTES + n * TENSOR_DESC_DTYPE.itemsize > length:
@@ -399,7 +399,7 @@ class WorkerCore:
         if offset < 0:
             raise ResourceExhausted("worker output arena is full; retry")
         REGION_HEADER.pack_into(
-            self.arena.view(offset, HEADER_BYTES),
+            self.arena.view(offset, HEADER_BYTES).data,
             0,
             RES_MAGIC,
             len(outputs),
@@ -491,6 +491,4 @@ def _bucket(rows: int) -> int:
 
 
 def _kserve(dtype: np.dtype) -> str:
-    from engine.dtypes import kserve_name
-
     return kserve_name(dtype)

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -103,7 +104,7 @@ def run(args: WorkerArgs) -> None:
     buf[layout.text(args.w) + 8 : layout.text(args.w) + 8 + len(text)] = text
     control.store_u64(layout.text(args.w), len(text))
 
-    def run_batch(spec: ModelSpec, m: int, inputs, rows: int):  # type: ignore[no-untyped-def]
+    def run_batch(spec: ModelSpec, m: int, inputs: Any, rows: int) -> Any:
         return executor.run(spec, models[m], inputs, rows)
 
     core = WorkerCore(
