@@ -132,6 +132,10 @@ class WorkerCore:
             for s in self.specs
         ]
         self.loaded: set[int] = set()
+        # Per model, a moving average of the gap between arrivals: when requests come further apart
+        # than the batching delay, waiting for companions only adds latency, so a lone request runs now.
+        self._gap_ns = [0.0] * len(self.specs)
+        self._last_arrival = [0] * len(self.specs)
         self.regions: dict[int, _Region] = {}
         self._buf = np.empty(256, dtype=DESC_DTYPE)
         self._active: list[_Peer] = []
@@ -259,6 +263,10 @@ class WorkerCore:
         except (IndexError, ValueError) as err:
             self._respond_error(peer.f, req_id, model, InvalidArgument(f"malformed request region: {err}"))
             return
+        last = self._last_arrival[model]
+        self._last_arrival[model] = now
+        if last:
+            self._gap_ns[model] = 0.75 * self._gap_ns[model] + 0.25 * (now - last)
         self.batchers[model].add(pending)
 
     def _parse(
@@ -350,7 +358,9 @@ class WorkerCore:
                 if not len(batcher):
                     continue
                 batch = batcher.next_batch(now)
-                if batch is not None:
+                if batch is None and self._gap_ns[m] > self.batchers[m].max_queue_delay_ns:
+                    batch = batcher.flush_one(now)  # sparse traffic: nobody is coming to share it
+                if batch:
                     best = (m, batch)
                     break
             if best is None:
