@@ -73,7 +73,9 @@ def check_inputs(spec: ModelSpec, inputs: Sequence[InferInput]) -> dict[str, np.
         if len(item.shape) != len(want) or any(
             w != -1 and w != s for w, s in zip(want, item.shape, strict=True)
         ):
-            raise InvalidArgument(f"input {item.name!r}: shape {list(item.shape)} does not match {list(want)}")
+            raise InvalidArgument(
+                f"input {item.name!r}: shape {list(item.shape)} does not match {list(want)}"
+            )
         if any(s < 0 for s in item.shape):
             raise InvalidArgument(f"input {item.name!r}: negative dimension in {list(item.shape)}")
         count = int(np.prod(item.shape, dtype=np.int64)) if item.shape else 1
