@@ -28,7 +28,7 @@ lint: build
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest -q -p no:randomly tests $(PYTEST_ARGS)
+	ENGINE_BENCH_QUICK=1 $(PY) -m pytest -q -p no:randomly tests $(PYTEST_ARGS)
 
 unit: build
 	$(PY) -m pytest -q tests/unit
