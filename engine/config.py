@@ -35,8 +35,11 @@ import yaml
 from engine.models import builtin_repository
 
 ENV_PREFIX = "ENGINE_"
-#: ENGINE_* variables that are not config keys: the YAML file to read, and build switches of setup.py.
-ENV_NOT_KEYS = frozenset({"ENGINE_CONFIG", "ENGINE_DEBUG", "ENGINE_SANITIZE"})
+#: ENGINE_* variables that are not config keys: the YAML file to read, build switches of setup.py, and
+#: the test suite's switches (which reach servers the tests launch).
+ENV_NOT_KEYS = frozenset(
+    {"ENGINE_CONFIG", "ENGINE_DEBUG", "ENGINE_SANITIZE", "ENGINE_BENCH_QUICK", "ENGINE_TEST_SEED"}
+)
 PROTOCOLS = ("grpc", "rest", "zmq")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: Keys whose values never appear in error messages or `as_dict()`.

@@ -57,6 +57,8 @@ from servers.gateway_api import FrontendSettings
 log = logging.getLogger("engine.supervisor")
 
 SHM_DIR = Path("/dev/shm")
+#: Once nothing is in flight, how long a drain still lets the front-ends refuse late arrivals.
+DRAIN_LINGER_S = 0.25
 
 
 class StartupError(EngineError):
@@ -384,6 +386,7 @@ class Supervisor:
                 f"(restart_budget {self.config.restart_budget}); giving up"
             )
             log.critical("%s", self.failed)
+            self._retire(child)
             return
         child.restarts.append(now)
         # A new generation right away: peers fail what the dead one held and reset their rings now,
@@ -398,6 +401,24 @@ class Supervisor:
         self._wake_frontends()
         backoff = self.config.restart_backoff_s * (2 ** (len(child.restarts) - 1))
         child.restart_at = now + backoff
+
+    def _retire(self, child: Child) -> None:
+        """Announce a dead incarnation that will not be replaced.
+
+        Without a new generation on the board its peers would never learn it is gone: requests it
+        held would wait forever and new ones would still be sent to its slot, which looks up.
+        """
+        assert self.control is not None
+        slot = self._slot(child)
+        self._unlink(
+            worker_arena_name(self.base, child.index, child.gen)
+            if child.role == "worker"
+            else frontend_arena_name(self.base, child.index, child.gen)
+        )
+        child.gen += 1
+        self.control.store_u64(slot + F_STATE, PROC_DOWN)
+        self.control.store_u64(slot + F_GEN, child.gen)  # peers fail what the dead one held
+        self._wake_frontends()
 
     def _wake_frontends(self) -> None:
         for fd in self.eventfds:
@@ -415,13 +436,19 @@ class Supervisor:
         """Readiness off, stop admitting, wait (bounded) until no request is in flight."""
         assert self.control is not None and self.layout is not None
         self._set_server_state(SERVER_DRAINING)
-        end = time.monotonic() + (self.config.drain_grace_s if grace_s is None else grace_s)
+        grace = self.config.drain_grace_s if grace_s is None else grace_s
+        if grace <= 0:
+            return  # a failed start or an impatient caller: nothing to wait for
+        end = time.monotonic() + grace
         while time.monotonic() < end:
             inflight = sum(
                 self.control.load_u64(self.layout.frontend(c.index, F_INFLIGHT))
                 for c in self.children_by_role("frontend")
             )
             if inflight == 0:
+                # Requests already on the wire reach a front-end after this: keep the front-ends up a
+                # moment longer (still inside the grace) so they are refused, not dropped unanswered.
+                time.sleep(max(0.0, min(DRAIN_LINGER_S, end - time.monotonic())))
                 return
             time.sleep(0.01)
         log.warning("drain grace period over with requests still in flight")

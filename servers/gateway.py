@@ -242,6 +242,7 @@ class ShmGateway:
             self._loop.remove_reader(self.h.notifier_fd)
         for req_id in list(self._pending):
             self._fail(req_id, Unavailable("front-end shutting down"))
+        self._publish_inflight()  # or the supervisor's drain waits its whole grace for them
 
     # ---- Gateway protocol --------------------------------------------------------------------
 

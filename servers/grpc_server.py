@@ -8,6 +8,7 @@ Request path of ModelInfer: protobuf parses the request (grpc refuses one larger
 as they are (its copy into shared memory is the one copy), and each output is copied once out of
 shared memory into the response before the result is released. Engine errors map to their gRPC status
 (`engine.errors.EngineError.grpc_code`); anything else is logged and answered INTERNAL "internal error".
+A request message that does not parse is answered INVALID_ARGUMENT (`MalformedRequests`).
 
 ModelStreamInfer reads requests in a loop and starts each as a task, so many are in flight on one
 stream; responses are written in completion order by one writer, each carrying its request's ``id``;
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from engine.dtypes import kserve_name
 from engine.errors import EngineError, InternalError, NotFound
@@ -311,6 +313,90 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class _Malformed:
+    """What a request message that protobuf cannot parse deserializes to (see `MalformedRequests`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: _Malformed) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
+    raise AssertionError("context.abort returned")
+
+
+class MalformedRequests(grpc.aio.ServerInterceptor):
+    """Answers INVALID_ARGUMENT to a request message that protobuf cannot parse.
+
+    Left to grpc, a parse failure answers UNKNOWN "Unexpected <class DecodeError>" and logs a
+    traceback per message, so any client could flood the log. Covers unary and bidirectional methods
+    (every method of the inference service); others (Health.Watch) keep grpc's behaviour. The wrapped
+    handler is built once per method, so an RPC costs one dict lookup here.
+    """
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(handler_call_details)
+            if handler is None:  # unknown method: not cached, so random names cannot grow the dict
+                return handler
+            wrapped = self._handlers[method] = self._wrap(handler)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.request_deserializer is None:
+            return handler
+        parse = _lenient(handler.request_deserializer)
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                if isinstance(request, _Malformed):
+                    await _refuse(context, request)
+                return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                checked_unary, request_deserializer=parse, response_serializer=handler.response_serializer
+            )
+        if handler.stream_stream is not None:
+            stream = handler.stream_stream
+
+            async def checked_stream(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> Any:
+                async def checked() -> Any:
+                    async for request in requests:
+                        if isinstance(request, _Malformed):
+                            await _refuse(context, request)
+                        yield request
+
+                return await stream(checked(), context)
+
+            return grpc.stream_stream_rpc_method_handler(
+                checked_stream, request_deserializer=parse, response_serializer=handler.response_serializer
+            )
+        return handler
+
+
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -338,7 +424,9 @@ async def serve(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
     ]
-    interceptors = [BearerAuth(settings.auth_tokens)] if settings.auth_tokens else []
+    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
+    if settings.auth_tokens:
+        interceptors.insert(0, BearerAuth(settings.auth_tokens))  # refused before anything is parsed
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway, prefix), server)
     grpc_health.add_to_server(gateway, server)

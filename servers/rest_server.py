@@ -27,6 +27,7 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.errors import (
@@ -96,6 +97,10 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
                     return api.engine_error(request, exc)
                 except (HTTPException, RequestValidationError):
                     raise
+                except ClientDisconnect:
+                    # The client closed mid-body: its fault, and nobody is left to read an answer.
+                    logger.debug("%s: %s %s: client disconnected", api.who, request.method, request.url.path)
+                    return error_response(400, "client disconnected before the request body was complete")
                 except Exception:
                     logger.exception("%s: %s %s failed", api.who, request.method, request.url.path)
                     return error_response(500, "internal error")

@@ -366,6 +366,8 @@ class WorkerCore:
             if best is None:
                 return
             self._execute(*best)
+            # Wake the front-ends per batch: answers must not wait for the batches queued behind them.
+            self._flush()
 
     def _execute(self, m: int, batch: list[Pending]) -> None:
         spec = self.specs[m]

@@ -128,6 +128,9 @@ def run(args: WorkerArgs) -> None:
     )
     heart.start()
     control.store_u64(slot + F_MODELS, bitmap)
+    # Take the front-ends' incarnations (resetting each pair's rings) before looking up: a front-end
+    # sends as soon as it sees PROC_UP, and a reset after that would drop its request unanswered.
+    core.sync_peers()
     control.store_u64(slot + F_STATE, PROC_UP)
     log.info("ready: %d models", len(models))
     try:
