@@ -23,7 +23,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig, resolve_devices
+from engine.config import EngineConfig, resolve_devices, resolve_spin_s
 from engine.errors import EngineError
 from engine.fdpass import PassFd
 from engine.models.repository import load_repository
@@ -267,6 +267,7 @@ class Supervisor:
                 drain_grace_s=cfg.drain_grace_s,
                 threads=cfg.worker_threads,
                 log_level=cfg.log_level,
+                spin_s=resolve_spin_s(cfg),
             )
             target: Any = run
         else:
