@@ -1,4 +1,4 @@
-"""Shared test fixtures: markers by folder, the /dev/shm leak check, segments, seeded randomness, bench gating.
+"""Shared test fixtures: folder markers, the /dev/shm leak check, segments, seeded randomness, bench gating.
 
 Every test runs under `_no_shm_leaks`: a name starting with ``sie-`` that appears in /dev/shm during the
 test and is still there afterwards fails the test (and is unlinked, so one failure does not cascade).
@@ -7,6 +7,7 @@ That is how "every test unlinks its segments, even when it fails" is proven.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -119,10 +120,8 @@ def _is_ours(name: str) -> bool:
 
 
 def _unlink_quietly(name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(SHM_DIR / name)
-    except FileNotFoundError:
-        pass
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +154,12 @@ def segment_factory() -> Iterator[Callable[..., Segment]]:
     for seg in reversed(made):
         seg.close()
         seg.unlink()
+
+
+@pytest.fixture
+def bench_quick_mode() -> bool:
+    """Whether benchmarks should do a few rounds only (ENGINE_BENCH_QUICK=1)."""
+    return bench_quick()
 
 
 @pytest.fixture

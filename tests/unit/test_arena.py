@@ -1,4 +1,4 @@
-"""Tests of ext.arena: buddy allocator properties (hypothesis), bounds of view/put, reader and tensor views."""
+"""Tests of ext.arena: buddy allocator properties (hypothesis), view/put bounds, reader and tensor views."""
 
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def test_view_bounds(segment_factory: MakeSegment) -> None:
     size = arena.payload_size
     assert arena.view(size - 16, 16).shape == (16,)
     assert arena.view(size, 0).shape == (0,)
-    forged: list[tuple[int, object]] = [
+    forged: list[tuple[int, int | tuple[int, ...]]] = [
         (size, 1),
         (size - 15, 16),
         (0, size + 1),
@@ -244,8 +244,11 @@ def test_view_bounds(segment_factory: MakeSegment) -> None:
         arena.view(4, 2, np.float64)
     with pytest.raises(ValueError, match="dimensions"):
         arena.view(0, (1,) * 33)
-    with pytest.raises(OverflowError):
-        arena.view(0, (1 << 64,))  # not even a 64-bit dimension
+    for shape in ((1 << 63,), ((1 << 64) - 1,), (1 << 64,), (2, -(1 << 70))):  # beyond a C dimension
+        with pytest.raises(IndexError):
+            arena.view(0, shape)
+    # descriptor fields popped into a DESC_DTYPE array arrive as numpy scalars
+    assert arena.view(np.uint64(64), np.uint64(8)).shape == (8,)  # type: ignore[arg-type]
     with pytest.raises(OverflowError):
         arena.view(-1, 1)
     with pytest.raises(TypeError):
