@@ -108,6 +108,9 @@ class EngineConfig:
         max_message_mb: largest request accepted on any protocol (MiB); at most ``frontend_arena_mb``.
         max_inflight_per_model: admission bound per model and front-end; beyond it requests are
             refused at once with RESOURCE_EXHAUSTED.
+        max_inflight_per_frontend: admission bound per front-end process over all models; 0 (the
+            default) means half of ``ring_capacity``, the most allowed (the other half of each ring
+            carries region releases).
         drain_grace_s: on SIGTERM, how long in-flight requests may finish before children are killed.
         heartbeat_interval_s: how often each child stamps its heartbeat in shared memory.
         hang_timeout_s: a child whose heartbeat is older than this is deemed hung and restarted;
@@ -118,6 +121,9 @@ class EngineConfig:
         restart_window_s: the sliding window of ``restart_budget``.
         log_level: DEBUG, INFO, WARNING, ERROR or CRITICAL.
         worker_threads: torch intra-op threads per CPU worker; 0 lets torch decide.
+        breaker_failures: consecutive failed batches of a model that open its circuit breaker
+            (requests then fail fast with UNAVAILABLE); 0 disables the breaker.
+        breaker_cooldown_s: how long an open breaker refuses before one probe batch is let through.
         worker_spin_us: how long an idle worker spins on its rings before it sleeps on the futex;
             -1 (default) means 50 on machines with more than 2 CPUs and 0 otherwise: spinning buys
             microseconds only when a core is free, and on a small machine it takes the CPU the
@@ -140,7 +146,8 @@ class EngineConfig:
     worker_arena_mb: int = 256
     ring_capacity: int = 4096
     max_message_mb: int = 64
-    max_inflight_per_model: int = 4096
+    max_inflight_per_model: int = 2048
+    max_inflight_per_frontend: int = 0
     drain_grace_s: float = 10.0
     heartbeat_interval_s: float = 0.5
     hang_timeout_s: float = 10.0
@@ -150,6 +157,8 @@ class EngineConfig:
     log_level: str = "INFO"
     worker_threads: int = 0
     worker_spin_us: int = -1
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 5.0
     auth_tokens: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -164,6 +173,15 @@ class EngineConfig:
                 self.max_message_mb,
                 f"a message must fit the front-end arena; set it <= frontend_arena_mb "
                 f"({self.frontend_arena_mb}) or raise frontend_arena_mb",
+            )
+        if self.max_inflight_per_frontend == 0:
+            object.__setattr__(self, "max_inflight_per_frontend", self.ring_capacity // 2)
+        if self.max_inflight_per_frontend > self.ring_capacity // 2:
+            raise ConfigError(
+                "max_inflight_per_frontend",
+                self.max_inflight_per_frontend,
+                f"must be at most half of ring_capacity ({self.ring_capacity}); raise ring_capacity "
+                "or lower this bound",
             )
         if self.hang_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError(
@@ -311,6 +329,7 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "ring_capacity": _ring_capacity,
     "max_message_mb": _int(1),
     "max_inflight_per_model": _int(1),
+    "max_inflight_per_frontend": _int(0),
     "drain_grace_s": _float(0.0),
     "heartbeat_interval_s": _float(0.0, strict=True),
     "hang_timeout_s": _float(0.0, strict=True),
@@ -320,6 +339,8 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "log_level": _log_level,
     "worker_threads": _int(0),
     "worker_spin_us": _int(-1, 100_000),
+    "breaker_failures": _int(0),
+    "breaker_cooldown_s": _float(0.0),
     "auth_tokens": _tokens,
 }
 

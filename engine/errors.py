@@ -77,6 +77,24 @@ class DeadlineExceeded(EngineError):
     wire_code = 7
 
 
+class Cancelled(EngineError):
+    """The client cancelled or went away; the request was dropped from the queue."""
+
+    grpc_code = "CANCELLED"
+    http_status = 499
+    zmq_code = 1
+    wire_code = 9
+
+
+class Unauthenticated(EngineError):
+    """Missing or wrong bearer token."""
+
+    grpc_code = "UNAUTHENTICATED"
+    http_status = 401
+    zmq_code = 16
+    wire_code = 10
+
+
 class ModelError(EngineError):
     """The model raised or returned something its config forbids; only its batch fails."""
 
@@ -103,6 +121,8 @@ _BY_WIRE: dict[int, type[EngineError]] = {
         Unavailable,
         WorkerDied,
         DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
         ModelError,
         InternalError,
     )

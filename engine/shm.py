@@ -83,10 +83,15 @@ STAT_NAMES = (
     "compute_ns",
     "expired",
     "last_ns",
-    *tuple(f"batch_le_{1 << i}" for i in range(10)),
+    *(f"batch_le_{1 << i}" for i in range(10)),
+    "breaker_state",  # stored, not added: engine.worker.breaker CLOSED / OPEN / HALF_OPEN
+    "breaker_trips",
 )
+#: counters that hold a state rather than a count: combine across workers with max, not sum
+STAT_STATES = frozenset({"breaker_state"})
 STAT_SLOTS = 20
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
+assert len(STAT_NAMES) <= STAT_SLOTS
 
 # slot fields (byte offsets inside a WorkerSlot / FrontendSlot)
 F_GEN = 0

@@ -16,6 +16,7 @@ import logging
 import multiprocessing as mp
 import os
 import secrets
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_sentinels
@@ -268,6 +269,8 @@ class Supervisor:
                 threads=cfg.worker_threads,
                 log_level=cfg.log_level,
                 spin_s=resolve_spin_s(cfg),
+                breaker_failures=cfg.breaker_failures,
+                breaker_cooldown_s=cfg.breaker_cooldown_s,
             )
             target: Any = run
         else:
@@ -313,6 +316,7 @@ class Supervisor:
             notifier_fd=self.eventfds[f],
             arena_max_block=self.arena_max_block,
             max_inflight_per_model=self.config.max_inflight_per_model,
+            max_inflight_per_frontend=self.config.max_inflight_per_frontend,
             worker_devices=tuple(self.devices),
         )
 
@@ -373,6 +377,34 @@ class Supervisor:
                 port = self.control.load_u64(self._slot(child) + F_PORT)
                 if port:
                     child.port = port
+        if not self.stopping:
+            self._kill_hung()
+
+    def _kill_hung(self) -> None:
+        """SIGKILL a child whose heartbeat is older than hang_timeout_s; its exit restarts it."""
+        control = self.control
+        if control is None:
+            return
+        now = time.monotonic_ns()
+        limit = int(self.config.hang_timeout_s * 1e9)
+        for child in self.children:
+            proc = child.process
+            if proc is None or proc.pid is None or not proc.is_alive():
+                continue
+            slot = self._slot(child)
+            if control.load_u64(slot + F_STATE) != PROC_UP:
+                continue  # still loading models: it has not started beating yet
+            age = now - control.load_u64(slot + F_HEARTBEAT)
+            if age > limit:
+                log.error(
+                    "%s (pid %d) missed its heartbeat for %.1f s (hang_timeout_s %.1f): killing it",
+                    child.name,
+                    proc.pid,
+                    age / 1e9,
+                    self.config.hang_timeout_s,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
 
     def _on_exit(self, child: Child, code: int | None) -> None:
         assert self.control is not None
@@ -552,7 +584,7 @@ class Supervisor:
         }.get(self.control.load_u64(0), "?")
 
     def model_stats(self) -> dict[str, dict[str, int]]:
-        from engine.shm import STAT_NAMES
+        from engine.shm import STAT_NAMES, STAT_STATES
 
         control, layout = self.control, self.layout
         out: dict[str, dict[str, int]] = {}
@@ -561,6 +593,10 @@ class Supervisor:
             if control is not None and layout is not None:
                 for w in range(layout.n_workers):
                     for name in STAT_NAMES:
-                        totals[name] += control.load_u64(layout.stat(w, m, name))
+                        value = control.load_u64(layout.stat(w, m, name))
+                        if name in STAT_STATES:
+                            totals[name] = max(totals[name], value)
+                        else:
+                            totals[name] += value
             out[spec.name] = totals
         return out

@@ -24,6 +24,7 @@ import orjson
 
 from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, numpy_dtype
 from engine.errors import (
+    DeadlineExceeded,
     EngineError,
     InternalError,
     InvalidArgument,
@@ -41,6 +42,7 @@ from engine.shm import (
     F_STATE,
     FLAG_BATCHED,
     HEADER_BYTES,
+    KIND_CANCEL,
     KIND_ERROR,
     KIND_RELEASE,
     KIND_REQUEST,
@@ -53,6 +55,7 @@ from engine.shm import (
     SERVER_READY,
     STAT_INDEX,
     STAT_SLOTS,
+    STAT_STATES,
     TENSOR_DESC_DTYPE,
     BoardLayout,
     frontend_arena_name,
@@ -68,6 +71,11 @@ from servers.gateway_api import InferInput
 log = logging.getLogger("servers.gateway")
 
 _MAX_ELEMENTS = 1 << 40
+#: How long after a request's deadline the front-end answers it itself when the worker has not.
+DEADLINE_SLACK_S = 0.05
+#: engine.worker.breaker's states by number (that module is the worker's; no import from here)
+BREAKER_STATES = {0: "closed", 1: "open", 2: "half_open"}
+_STATE_SLOTS = frozenset(STAT_INDEX[name] for name in STAT_STATES)
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,7 @@ class GatewayHandles:
     notifier_fd: int
     arena_max_block: int
     max_inflight_per_model: int
+    max_inflight_per_frontend: int
     worker_devices: tuple[str, ...]
 
 
@@ -298,6 +307,11 @@ class ShmGateway:
         mask = self._output_mask(spec, outputs)
         if self._closed or self._board(0) & 0xFFFFFFFF != SERVER_READY:
             raise Unavailable("server is not ready (starting or draining)")
+        if len(self._pending) >= self.h.max_inflight_per_frontend:
+            raise ResourceExhausted(
+                f"this front-end has {len(self._pending)} requests in flight (max_inflight_per_frontend); "
+                "retry later"
+            )
         if self._inflight[m] >= self.h.max_inflight_per_model:
             raise ResourceExhausted(
                 f"model {model!r} has {self._inflight[m]} requests in flight on this front-end; retry later"
@@ -344,9 +358,37 @@ class ShmGateway:
         link.pending.add(req_id)
         self._inflight[m] += 1
         self._publish_inflight()
-        result = await future
+        timer = None
+        if deadline_ns:
+            # A hung worker must not hold the answer past the deadline: answer here, a little after
+            # the worker itself would have, and free the region when the worker finally reports back.
+            delay = (deadline_ns - time.monotonic_ns()) / 1e9 + DEADLINE_SLACK_S
+            timer = loop.call_later(max(0.0, delay), self._expire, req_id)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            # the client went away: let the worker drop the request instead of computing it
+            self._cancel_at_worker(req_id)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
         result.request_id = request_id
         return result
+
+    def _expire(self, req_id: int) -> None:
+        entry = self._pending.get(req_id)
+        if entry is not None and not entry.future.done():
+            entry.future.set_exception(DeadlineExceeded("deadline exceeded: the worker did not answer"))
+            self._cancel_at_worker(req_id)
+
+    def _cancel_at_worker(self, req_id: int) -> None:
+        entry = self._pending.get(req_id)
+        if entry is None:
+            return  # already answered
+        # Best effort: when the ring is full the request is simply computed and its answer dropped.
+        if entry.link.request.push(KIND_CANCEL, entry.model, req_id, 0, 0, 0, 0, 0, 0, self.h.gen):
+            entry.link.word.notify()
 
     def statistics(self, model: str | None = None) -> list[dict[str, Any]]:
         names = [model] if model else list(self.specs)
@@ -361,7 +403,8 @@ class ShmGateway:
                 for w in range(self.layout.n_workers):
                     base = self.layout.stat(w, m, "success")
                     for k in range(STAT_SLOTS):
-                        totals[k] += control.load_u64(base + 8 * k)
+                        value = control.load_u64(base + 8 * k)
+                        totals[k] = max(totals[k], value) if k in _STATE_SLOTS else totals[k] + value
             s = {key: totals[i] for key, i in STAT_INDEX.items()}
             out.append(
                 {
@@ -377,6 +420,8 @@ class ShmGateway:
                     "batch_stats": {
                         k[len("batch_le_") :]: v for k, v in s.items() if k.startswith("batch_le_") and v
                     },
+                    "breaker": BREAKER_STATES.get(s["breaker_state"], "closed"),
+                    "breaker_trips": s["breaker_trips"],
                 }
             )
         return out

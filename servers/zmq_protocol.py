@@ -60,6 +60,7 @@ from engine.errors import (
     ModelError,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
     WorkerDied,
 )
@@ -95,14 +96,6 @@ class MsgType(IntEnum):
     PONG = 5
     METADATA = 6
     METADATA_REPLY = 7
-
-
-class Unauthenticated(EngineError):
-    """Missing or wrong auth token. (Lives here until `engine.errors` grows the class.)"""
-
-    grpc_code = "UNAUTHENTICATED"
-    http_status = 401
-    zmq_code = 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, kserve_name
-from engine.errors import DeadlineExceeded, EngineError, InternalError, InvalidArgument, ResourceExhausted
+from engine.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    EngineError,
+    InternalError,
+    InvalidArgument,
+    ModelError,
+    ResourceExhausted,
+    Unavailable,
+)
 from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
@@ -37,6 +46,7 @@ from engine.shm import (
     region_layout,
 )
 from engine.worker.batcher import Batcher
+from engine.worker.breaker import CLOSED, STATE_NAMES, CircuitBreaker
 from ext.arena import Arena
 from ext.notify import EventNotifier, WakeWord, wait_rings
 from ext.ring import DESC_DTYPE, Ring
@@ -102,6 +112,8 @@ class WorkerCore:
         *,
         spin_s: float = 50e-6,
         clock: Callable[[], int] = time.monotonic_ns,
+        breaker_failures: int = 5,
+        breaker_cooldown_s: float = 5.0,
     ) -> None:
         self.control = control
         self.layout = layout
@@ -132,6 +144,9 @@ class WorkerCore:
             for s in self.specs
         ]
         self.loaded: set[int] = set()
+        self.breakers = [CircuitBreaker(breaker_failures, int(breaker_cooldown_s * 1e9)) for _ in self.specs]
+        # (front-end, request id) the front-end gave up on; checked when their batch forms
+        self._cancelled: set[tuple[int, int]] = set()
         # Per model, a moving average of the gap between arrivals: when requests come further apart
         # than the batching delay, waiting for companions only adds latency, so a lone request runs now.
         self._gap_ns = [0.0] * len(self.specs)
@@ -207,6 +222,10 @@ class WorkerCore:
             taken += self._drain(peer)
         self._compute_due()
         self._flush()
+        if self._cancelled and not any(len(b) for b in self.batchers):
+            # requests are pushed before their cancels: with every queue empty, what is left were
+            # cancels of requests already answered
+            self._cancelled.clear()
         return taken
 
     def _next_wakeup(self) -> int | None:
@@ -229,7 +248,7 @@ class WorkerCore:
                 elif kind == KIND_RELEASE:
                     self._release(peer.f, offset, gen)
                 elif kind == KIND_CANCEL:
-                    pass  # the front-end already answered; the request is dropped when its batch forms
+                    self._cancelled.add((peer.f, req_id))
                 else:
                     log.warning(
                         "worker %s: unknown descriptor kind %d from frontend %d", self.w, kind, peer.f
@@ -256,6 +275,9 @@ class WorkerCore:
             spec = self.specs[model]
             if deadline and deadline <= now:
                 raise DeadlineExceeded("deadline exceeded before the request was computed")
+            breaker = self.breakers[model]
+            if not breaker.allow(now):
+                raise self._breaker_error(model, now)
             pending = self._parse(peer, spec, req_id, offset, length, deadline, model, now)
         except EngineError as err:
             self._respond_error(peer.f, req_id, model, err)
@@ -346,6 +368,7 @@ class WorkerCore:
             now = self.clock()
             for m, batcher in enumerate(self.batchers):
                 for p in batcher.pop_expired(now):
+                    self._cancelled.discard((p.f, p.req_id))
                     self._stat(m, "expired", 1)
                     self._respond_error(
                         p.f,
@@ -371,17 +394,34 @@ class WorkerCore:
 
     def _execute(self, m: int, batch: list[Pending]) -> None:
         spec = self.specs[m]
-        live = [p for p in batch if p.fgen == self.peers[p.f].acked]
+        live = []
+        for p in batch:
+            if p.fgen != self.peers[p.f].acked:
+                continue  # its front-end died: nobody waits for the answer
+            if self._cancelled and (p.f, p.req_id) in self._cancelled:
+                self._cancelled.discard((p.f, p.req_id))
+                self._respond_error(p.f, p.req_id, m, Cancelled("cancelled by the client"))
+                continue
+            live.append(p)
         if not live:
             return
         rows = sum(p.rows for p in live)
         start = self.clock()
+        breaker = self.breakers[m]
+        if not breaker.allow(start):
+            err = self._breaker_error(m, start)
+            self._stat(m, "failure", len(live))
+            for p in live:
+                self._respond_error(p.f, p.req_id, m, err)
+            return
         try:
             inputs = [[p.inputs[j] for p in live] for j in range(len(spec.inputs))]
             outputs = self.run_batch(spec, m, inputs, rows)
             offset, total = self._write_outputs(outputs, spec.max_batch_size > 0)
         except EngineError as err:
             self._stat(m, "failure", len(live))
+            if isinstance(err, ModelError):
+                self._breaker_record(m, False)
             for p in live:
                 self._respond_error(p.f, p.req_id, m, err)
             return
@@ -398,12 +438,35 @@ class WorkerCore:
             self._push(p.f, (p.req_id, offset, total, 0, row, p.rows, KIND_RESPONSE, m, 0, self.gen))
             row += p.rows
         self.regions[offset] = _Region(len(live), holders)
+        if breaker.state != CLOSED:
+            self._breaker_record(m, True)
         self._stat(m, "success", len(live))
         self._stat(m, "batches", 1)
         self._stat(m, "rows", rows)
         self._stat(m, "queue_ns", sum(start - p.arrival_ns for p in live))
         self._stat(m, "compute_ns", end - start)
         self._stat(m, f"batch_le_{_bucket(rows)}", 1)
+
+    def _breaker_error(self, m: int, now: int) -> Unavailable:
+        breaker = self.breakers[m]
+        return Unavailable(
+            f"model {self.specs[m].name!r} is failing ({breaker.consecutive} failed batches in a row): "
+            f"circuit breaker open, next try in {breaker.retry_in_s(now):.1f} s"
+        )
+
+    def _breaker_record(self, m: int, success: bool) -> None:
+        breaker = self.breakers[m]
+        was = breaker.state
+        breaker.record(success, self.clock())
+        if breaker.state != was:
+            log.warning(
+                "worker %s: circuit breaker of model %s is now %s",
+                self.w,
+                self.specs[m].name,
+                STATE_NAMES[breaker.state],
+            )
+            self.control.store_u64(self.layout.stat(self.w, m, "breaker_state"), breaker.state)
+            self.control.store_u64(self.layout.stat(self.w, m, "breaker_trips"), breaker.trips)
 
     def _write_outputs(self, outputs: list[np.ndarray], batched: bool) -> tuple[int, int]:
         total, offs = region_layout([o.nbytes for o in outputs])

@@ -54,6 +54,8 @@ class WorkerArgs:
     threads: int
     log_level: str
     spin_s: float = 50e-6
+    breaker_failures: int = 5
+    breaker_cooldown_s: float = 5.0
 
 
 def run(args: WorkerArgs) -> None:
@@ -118,6 +120,8 @@ def run(args: WorkerArgs) -> None:
         args.notifier_fds,
         run_batch,
         spin_s=args.spin_s,
+        breaker_failures=args.breaker_failures,
+        breaker_cooldown_s=args.breaker_cooldown_s,
     )
     core.loaded = set(models)
     heart = threading.Thread(
