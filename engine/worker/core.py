@@ -40,6 +40,8 @@ from engine.shm import (
     REGION_HEADER,
     REQ_MAGIC,
     RES_MAGIC,
+    STAT_INDEX,
+    STAT_NAMES,
     TENSOR_DESC_DTYPE,
     BoardLayout,
     frontend_arena_name,
@@ -144,6 +146,8 @@ class WorkerCore:
             for s in self.specs
         ]
         self.loaded: set[int] = set()
+        # the board offsets of this worker's counters, computed once (they are on the request path)
+        self._stat_base = [layout.stat(w, m, STAT_NAMES[0]) for m in range(len(self.specs))]
         self.breakers = [CircuitBreaker(breaker_failures, int(breaker_cooldown_s * 1e9)) for _ in self.specs]
         # (front-end, request id) the front-end gave up on; checked when their batch forms
         self._cancelled: set[tuple[int, int]] = set()
@@ -524,10 +528,11 @@ class WorkerCore:
         self._to_wake = {f for f in self._to_wake if self.peers[f].backlog}
 
     def _stat(self, model: int, name: str, value: int) -> None:
+        base = self._stat_base[model]
         if value:
-            self.control.fetch_add_u64(self.layout.stat(self.w, model, name), value)
+            self.control.fetch_add_u64(base + 8 * STAT_INDEX[name], value)
         if name == "batches":
-            self.control.store_u64(self.layout.stat(self.w, model, "last_ns"), time.time_ns())
+            self.control.store_u64(base + 8 * STAT_INDEX["last_ns"], time.time_ns())
 
     def drain_all(self, timeout_s: float) -> None:
         """Finish what is queued (used on graceful stop): compute every queued batch now."""
