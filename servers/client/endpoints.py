@@ -61,6 +61,9 @@ class EndpointPool:
         self._clock = clock
         self._lock = threading.Lock()
         self._next = 0
+        n = len(self.endpoints)
+        #: start -> the rotation from there
+        self._orders = [tuple((start + k) % n for k in range(n)) for start in range(n)]
         #: index -> when it was marked down (absent: up)
         self._down_since: dict[int, float] = {}
 
@@ -68,22 +71,26 @@ class EndpointPool:
         return len(self.endpoints)
 
     def candidates(self, exclude: Collection[int] = ()) -> list[int]:
-        """Endpoint indexes to try for one request, best first; each call moves the rotation on.
+        """Endpoint indexes to try for one request, best first.
 
         Up endpoints come first, in round-robin order from this call's turn; endpoints still in their
         cool-down follow, the one that failed longest ago first. ``exclude`` (endpoints that already
-        failed this request) are left out, so the list may be empty.
+        failed this request) are left out, so the list may be empty. A call for a fresh request
+        (nothing excluded) moves the rotation on; a retry's call does not, so an endpoint that keeps
+        failing does not shift the turns of the others.
         """
         with self._lock:
             n = len(self.endpoints)
             start = self._next
-            self._next = (start + 1) % n
+            if not exclude:
+                self._next = (start + 1) % n
+                if not self._down_since:
+                    return list(self._orders[start])  # the common case, kept cheap: all up
             now = self._clock()
             for index, since in list(self._down_since.items()):
                 if now - since >= self.cooldown_s:
                     del self._down_since[index]  # cool-down over: back on probation
-            order = [(start + k) % n for k in range(n)]
-            up = [i for i in order if i not in self._down_since and i not in exclude]
+            up = [i for i in self._orders[start] if i not in self._down_since and i not in exclude]
             down = sorted(
                 (i for i in self._down_since if i not in exclude), key=lambda i: self._down_since[i]
             )

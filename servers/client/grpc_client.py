@@ -27,19 +27,20 @@ import numpy as np
 
 from engine.dtypes import kserve_name, numpy_dtype
 from engine.errors import (
+    Cancelled,
     DeadlineExceeded,
     EngineError,
     InternalError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unauthenticated,
     Unavailable,
 )
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers.client.endpoints import DEFAULT_COOLDOWN_S, EndpointPool
 from servers.grpc_messages import TYPED_FIELDS
-from servers.zmq_protocol import Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ _ERRORS: dict[grpc.StatusCode, type[EngineError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
 }
 #: Codes that send the request on to the next endpoint; the first also marks the endpoint down.

@@ -1,32 +1,47 @@
 """Python clients of the ZMQ front-end: `ZmqClient` (blocking) and `AsyncZmqClient` (asyncio).
 
-Both use one DEALER socket, so any number of requests may be in flight on it: every request gets a
-fresh id and replies are matched by id, in whatever order they come back. Tensors travel as numpy
-arrays: inputs are sent without a copy when large (keep them unchanged until their reply is in) and
-outputs are read-only arrays over the received frames (``np.frombuffer``, no copy).
+Each endpoint gets one DEALER socket, so any number of requests may be in flight on it: every request
+gets a fresh id and replies are matched by id, in whatever order they come back. Tensors travel as
+numpy arrays: inputs are sent without a copy when large (keep them unchanged until their reply is in)
+and outputs are read-only arrays over the received frames (``np.frombuffer``, no copy).
 
 Errors come back as the `engine.errors` classes the server raised (`servers.zmq_protocol` rebuilds
 them). A request that gets no reply within its timeout raises `DeadlineExceeded`; the timeout is also
 sent to the server as the request's deadline. A reply that comes after its request timed out is
-dropped. Reconnection is ZMQ's own: a DEALER reconnects by itself and queues sends meanwhile.
+dropped. Reconnection is ZMQ's own: a DEALER reconnects by itself.
+
+Scale-out: give several endpoints (``"tcp://a:7211,tcp://b:7211"`` or a list) and requests go round
+robin across them (`servers.client.endpoints.EndpointPool`). The sockets set ``ZMQ_IMMEDIATE``, so a
+message is only ever queued on a live connection: a send to an endpoint that is not connected fails
+at once and goes to the next one, and a request waits (within its timeout) only while no endpoint is
+connected. A socket monitor tells each connect and disconnect. A request is moved to another endpoint,
+each endpoint tried at most once, when its endpoint answers UNAVAILABLE (draining, worker down; the
+endpoint is then marked down for a cool-down) or RESOURCE_EXHAUSTED, and when the connection it was
+sent on drops before the reply (the endpoint is marked down). Inference is stateless, so a request
+moved after its connection dropped may have been computed twice; only its last answer is returned.
+With one endpoint nothing is moved: errors are raised and a dropped request times out, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import time
 import weakref
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Callable, Container, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message, recv_monitor_message
 
-from engine.errors import DeadlineExceeded, InternalError, InvalidArgument, Unavailable
+from engine.errors import DeadlineExceeded, InternalError, InvalidArgument, ResourceExhausted, Unavailable
+from servers.client.endpoints import DEFAULT_COOLDOWN_S, EndpointPool
 from servers.zmq_protocol import (
     MAX_REQUEST_ID,
     Frames,
@@ -41,14 +56,24 @@ from servers.zmq_protocol import (
 
 log = logging.getLogger(__name__)
 
-#: Send/receive high-water mark of the client socket, in messages.
+#: Send/receive high-water mark of each client socket, in messages.
 HIGH_WATER_MARK = 10_000
+#: Socket monitor events the clients act on.
+MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+
+#: Builds a request's frames for one attempt: (request id, timeout in microseconds) -> frames.
+Build = Callable[[int, int], Frames]
 
 
 def _timeout_us(timeout_s: float) -> int:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     return math.ceil(timeout_s * 1_000_000)
+
+
+def _remaining_us(deadline: float) -> int:
+    # A resend near the deadline still tells the server a (tiny) positive deadline, never "none" (0).
+    return max(1, math.ceil((deadline - time.monotonic()) * 1_000_000))
 
 
 def _unpack(reply: Reply, expected: MsgType) -> Any:
@@ -60,16 +85,37 @@ def _unpack(reply: Reply, expected: MsgType) -> Any:
     return reply.outputs if expected is MsgType.REPLY else reply.body
 
 
-def _configure(sock: zmq.Socket[Any], endpoint: str) -> None:
+def _moves_on(reply: Reply) -> bool:
+    """Whether an answer sends its request to another endpoint (when one is left to try)."""
+    return isinstance(reply.error, Unavailable | ResourceExhausted)
+
+
+def _open(ctx: zmq.Context[Any], endpoint: str) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+    """A connected DEALER for ``endpoint`` and the PAIR socket of its monitor."""
+    sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
     sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+    # Queue only on completed connections: a send to a down endpoint fails (EAGAIN) instead of
+    # waiting in a pipe for a server that may never come back.
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    monitor = sock.get_monitor_socket(MONITOR_EVENTS)
     sock.connect(endpoint)
+    return sock, monitor
 
 
-def _close(sock: zmq.Socket[Any], ctx: zmq.Context[Any]) -> None:
-    sock.close(linger=0)
+def _close(pairs: list[tuple[zmq.Socket[Any], zmq.Socket[Any]]], ctx: zmq.Context[Any]) -> None:
+    for sock, monitor in pairs:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
     ctx.term()
+
+
+def _can_move(pool: EndpointPool, tried: Container[int], current: int) -> bool:
+    """Whether an endpoint other than ``current`` is left that has not failed this request."""
+    return any(i != current and i not in tried for i in range(len(pool)))
 
 
 class _Ids:
@@ -82,23 +128,40 @@ class _Ids:
         return (next(self._count) - 1) % MAX_REQUEST_ID + 1
 
 
-class ZmqFuture:
-    """A request submitted by `ZmqClient.submit`: `result` blocks for its outputs. Collect every
-    future you submit: a reply nobody takes stays in the client."""
+@dataclass(eq=False)
+class _Request:
+    """One request of the blocking client across its attempts (one attempt per endpoint at most)."""
 
-    def __init__(self, client: ZmqClient, request_id: int, expected: MsgType, deadline: float) -> None:
+    build: Build
+    expected: MsgType
+    deadline: float
+    request_id: int = 0  # of the current attempt
+    endpoint: int = -1  # of the current attempt; -1 while waiting for a connected endpoint
+    tried: list[int] = field(default_factory=list)  # endpoints that failed it
+    reply: Reply | None = None
+    dropped: bool = False  # a blocking wait for it ran out of time
+
+
+class ZmqFuture:
+    """A request submitted by `ZmqClient.submit`: `result` blocks for its outputs."""
+
+    def __init__(self, client: ZmqClient, request: _Request) -> None:
         self._client = client
-        self.request_id = request_id
-        self._expected = expected
-        self._deadline = deadline
-        self._reply: Reply | None = None
+        self._request = request
+
+    @property
+    def request_id(self) -> int:
+        """The id of the request's current attempt (a request moved to another endpoint gets a new
+        one, so a late answer of the first attempt is dropped)."""
+        return self._request.request_id
 
     def done(self) -> bool:
         """True once the reply is in or the timeout passed, that is when `result` would not block
         (reads what has arrived; never waits)."""
-        if self._reply is None and self._client._poll(self.request_id, self._deadline, block=False):
-            self._reply = self._client._take(self.request_id)
-        return self._reply is not None or time.monotonic() >= self._deadline
+        request = self._request
+        if request.reply is None and not request.dropped:
+            self._client._poll(request, block=False)
+        return request.reply is not None or time.monotonic() >= request.deadline
 
     def result(self) -> Any:
         """Wait for the reply (at most until the request's timeout) and return its payload: the
@@ -108,34 +171,61 @@ class ZmqFuture:
             DeadlineExceeded: no reply within the timeout.
             EngineError: the error the server answered with.
         """
-        if self._reply is None:
-            self._client._poll(self.request_id, self._deadline, block=True)
-            self._reply = self._client._take(self.request_id)
-        return _unpack(self._reply, self._expected)
+        request = self._request
+        if request.reply is None:
+            self._client._poll(request, block=True)
+        assert request.reply is not None  # _poll returns only once it is in (or raises)
+        return _unpack(request.reply, request.expected)
 
 
 class ZmqClient:
-    """Blocking client. Not thread-safe (neither are ZMQ sockets): one client per thread.
+    """Blocking client over one or several endpoints. Not thread-safe (neither are ZMQ sockets): one
+    client per thread.
 
     Args:
-        endpoint: server address, e.g. ``tcp://127.0.0.1:7211``.
-        timeout_s: default per-request timeout.
+        endpoint: server address, e.g. ``tcp://127.0.0.1:7211``; several as a comma-separated list
+            or a sequence of addresses.
+        timeout_s: default per-request timeout, covering every endpoint tried.
         token: auth token sent with every request (when the server requires one).
+        cooldown_s: how long an endpoint that failed is skipped while others are up.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        timeout_s: float = 30.0,
+        *,
+        token: str | None = None,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+    ) -> None:
         _timeout_us(timeout_s)
-        self.endpoint = endpoint
+        self.pool = EndpointPool(endpoint, cooldown_s=cooldown_s)
+        self.endpoints = self.pool.endpoints
+        self.endpoint = ",".join(self.endpoints)
         self.timeout_s = timeout_s
         self.token = token
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock, endpoint)
+        pairs: list[tuple[zmq.Socket[Any], zmq.Socket[Any]]] = []
+        self._finalizer = weakref.finalize(self, _close, pairs, self._ctx)
+        try:
+            for address in self.endpoints:
+                pairs.append(_open(self._ctx, address))
+        except BaseException:
+            self._finalizer()  # a bad address: close what was opened
+            raise
+        self._socks = [sock for sock, _ in pairs]
+        self._monitors = [monitor for _, monitor in pairs]
+        self._sock = self._socks[0]  # the first endpoint's socket (tests poll it)
+        self._poller = zmq.Poller()
+        for sock in (*self._socks, *self._monitors):
+            self._poller.register(sock, zmq.POLLIN)
+        self._polling_out = [False] * len(self._socks)  # per socket: POLLOUT registered
         self._ids = _Ids()
-        #: request id -> its reply once in (None while waiting)
-        self._pending: dict[int, Reply | None] = {}
+        #: current attempt's request id -> its request, while its reply is awaited
+        self._inflight: dict[int, _Request] = {}
+        #: requests waiting for an endpoint to be connected (and have room)
+        self._unsent: list[_Request] = []
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close, self._sock, self._ctx)
 
     def submit(
         self,
@@ -145,12 +235,14 @@ class ZmqClient:
         timeout_s: float | None = None,
     ) -> ZmqFuture:
         """Send one inference request without waiting; `ZmqFuture.result` gives its outputs."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        frames = encode_request(
-            request_id, model, inputs, outputs=outputs, token=self.token, timeout_us=_timeout_us(timeout)
-        )
-        return self._submit(request_id, frames, MsgType.REPLY, timeout)
+        token = self.token
+
+        def build(request_id: int, timeout_us: int) -> Frames:
+            return encode_request(
+                request_id, model, inputs, outputs=outputs, token=token, timeout_us=timeout_us
+            )
+
+        return self._submit(build, MsgType.REPLY, timeout_s)
 
     def infer(
         self,
@@ -180,24 +272,26 @@ class ZmqClient:
         return [f.result() for f in futures]
 
     def ping(self, timeout_s: float | None = None) -> bool:
-        """True when the server answers and is ready; raises DeadlineExceeded when it does not answer."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        body = self._submit(request_id, encode_ping(request_id, self.token), MsgType.PONG, timeout).result()
+        """True when a server (the next endpoint that answers) is ready; raises DeadlineExceeded when
+        none answers."""
+        token = self.token
+        body = self._submit(lambda rid, _: encode_ping(rid, token), MsgType.PONG, timeout_s).result()
         return bool(body.get("ready"))
 
     def metadata(self, model: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The model's metadata (name, versions, platform, inputs, outputs, max_batch_size, ready)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        frames = encode_metadata_request(request_id, model, self.token)
-        body: dict[str, Any] = self._submit(request_id, frames, MsgType.METADATA_REPLY, timeout).result()
+        token = self.token
+        future = self._submit(
+            lambda rid, _: encode_metadata_request(rid, model, token), MsgType.METADATA_REPLY, timeout_s
+        )
+        body: dict[str, Any] = future.result()
         return body
 
     def close(self) -> None:
-        """Close the socket; pending requests are abandoned. Safe to call twice."""
+        """Close the sockets; pending requests are abandoned. Safe to call twice."""
         self._closed = True
-        self._pending.clear()
+        self._inflight.clear()
+        self._unsent.clear()
         self._finalizer()
 
     def __enter__(self) -> ZmqClient:
@@ -208,54 +302,139 @@ class ZmqClient:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _submit(self, request_id: int, frames: Frames, expected: MsgType, timeout: float) -> ZmqFuture:
+    def _submit(self, build: Build, expected: MsgType, timeout_s: float | None) -> ZmqFuture:
         if self._closed:
             raise Unavailable("client is closed")
-        deadline = time.monotonic() + timeout
-        self._pending[request_id] = None
-        try:
-            self._sock.send_multipart(frames, copy=False)
-        except BaseException:
-            del self._pending[request_id]
-            raise
-        return ZmqFuture(self, request_id, expected, deadline)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        _timeout_us(timeout)
+        request = _Request(build, expected, time.monotonic() + timeout)
+        self._dispatch(request)
+        return ZmqFuture(self, request)
 
-    def _poll(self, request_id: int, deadline: float, *, block: bool) -> bool:
-        """Read replies until this one is in (True), or the deadline passes: DeadlineExceeded when
-        blocking, False when not."""
+    def _dispatch(self, request: _Request) -> None:
+        """Send the request's next attempt to the first candidate endpoint that takes it now, or
+        park it until one is connected."""
+        request_id = self._ids.next()
+        frames = request.build(request_id, _remaining_us(request.deadline))
+        request.request_id = request_id
+        for index in self.pool.candidates(exclude=request.tried):
+            try:
+                self._socks[index].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                continue  # not connected (or full): the next one
+            request.endpoint = index
+            self._inflight[request_id] = request
+            return
+        request.endpoint = -1
+        self._unsent.append(request)
+        self._update_pollout()
+
+    def _update_pollout(self) -> None:
+        # Watch for room only on sockets a parked request may use: one it already failed on may be
+        # writable all along and would wake every poll at once.
+        wanted = {i for r in self._unsent for i in range(len(self._socks)) if i not in r.tried}
+        for index, sock in enumerate(self._socks):
+            on = index in wanted
+            if on != self._polling_out[index]:
+                self._polling_out[index] = on
+                self._poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if on else 0))
+
+    def _poll(self, request: _Request, *, block: bool) -> bool:
+        """Read replies until this request's is in (True), or its deadline passes: DeadlineExceeded
+        when blocking, False when not."""
         if self._closed:
             raise Unavailable("client is closed")
-        while self._pending.get(request_id, False) is None:
-            remaining = deadline - time.monotonic()
+        while request.reply is None:
+            if request.dropped:
+                # dropped by an earlier blocking wait that ran out of time
+                raise DeadlineExceeded(f"request {request.request_id} to {self.endpoint} timed out")
+            remaining = request.deadline - time.monotonic()
             if remaining <= 0:
                 if not block:
                     return False
-                self._pending.pop(request_id, None)  # a late reply is then ignored
-                raise DeadlineExceeded(f"no reply to request {request_id} from {self.endpoint} in time")
-            if not self._sock.poll(math.ceil(remaining * 1000) if block else 0, zmq.POLLIN):
-                if not block:
-                    return False
-                continue
-            self._read_available()
-        if request_id not in self._pending:
-            # dropped by an earlier blocking wait that ran out of time
-            raise DeadlineExceeded(f"request {request_id} to {self.endpoint} timed out")
+                self._drop(request)  # a late reply is then ignored
+                raise DeadlineExceeded(
+                    f"no reply to request {request.request_id} from {self.endpoint} in time"
+                )
+            self._pump(math.ceil(remaining * 1000) if block else 0)
+            if not block and request.reply is None:
+                return False
         return True
 
-    def _read_available(self) -> None:
+    def _pump(self, timeout_ms: int) -> None:
+        """One poll of every socket: take monitor events and replies, send what was waiting."""
+        events = dict(self._poller.poll(timeout_ms))
+        for index, monitor in enumerate(self._monitors):
+            if monitor in events:
+                self._read_monitor(index)
+        writable = False
+        for index, sock in enumerate(self._socks):
+            flags = events.get(sock, 0)
+            if flags & zmq.POLLIN:
+                self._read_replies(index)
+            writable = writable or bool(flags & zmq.POLLOUT)
+        if writable and self._unsent:
+            waiting, self._unsent = self._unsent, []
+            now = time.monotonic()
+            for request in waiting:
+                if now >= request.deadline:
+                    request.dropped = True  # never sent: its result() raises DeadlineExceeded
+                else:
+                    self._dispatch(request)
+            self._update_pollout()
+
+    def _read_monitor(self, index: int) -> None:
         while True:
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                event = recv_monitor_message(self._monitors[index], zmq.NOBLOCK)["event"]
             except zmq.Again:
                 return
-            reply = _decode([f.buffer for f in frames], self._pending, self.endpoint)
-            if reply is not None:
-                self._pending[reply.request_id] = reply
+            if event == zmq.EVENT_CONNECTED:
+                self.pool.mark_up(index)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._lost(index)
 
-    def _take(self, request_id: int) -> Reply:
-        reply = self._pending.pop(request_id)
-        assert reply is not None  # _poll returned True
-        return reply
+    def _lost(self, index: int) -> None:
+        """The connection to endpoint ``index`` dropped: move its unanswered requests elsewhere."""
+        self.pool.mark_down(index)
+        self._read_replies(index)  # answers that made it before the drop are not resent
+        moved = [
+            r for r in self._inflight.values() if r.endpoint == index and _can_move(self.pool, r.tried, index)
+        ]
+        if moved:
+            log.warning(
+                "zmq client: connection to %s lost; moving %d requests", self.endpoints[index], len(moved)
+            )
+        for request in moved:
+            del self._inflight[request.request_id]
+            request.tried.append(index)
+            self._dispatch(request)
+
+    def _read_replies(self, index: int) -> None:
+        sock = self._socks[index]
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            reply = _decode([f.buffer for f in frames], self._inflight, self.endpoints[index])
+            if reply is None:
+                continue
+            request = self._inflight.pop(reply.request_id)
+            if _moves_on(reply) and _can_move(self.pool, request.tried, index):
+                if isinstance(reply.error, Unavailable):
+                    self.pool.mark_down(index)
+                request.tried.append(index)
+                self._dispatch(request)
+            else:
+                request.reply = reply
+
+    def _drop(self, request: _Request) -> None:
+        request.dropped = True
+        self._inflight.pop(request.request_id, None)
+        if request in self._unsent:
+            self._unsent.remove(request)
+            self._update_pollout()
 
 
 def _decode(frames: list[memoryview], pending: Container[int], endpoint: str) -> Reply | None:
@@ -274,29 +453,62 @@ def _decode(frames: list[memoryview], pending: Container[int], endpoint: str) ->
     return reply
 
 
+class _Lost(Exception):
+    """The connection an attempt was sent on dropped before its reply (another endpoint is left)."""
+
+
+@dataclass(eq=False)
+class _Attempt:
+    """One attempt of an asyncio request: where it went and the request's failed endpoints."""
+
+    future: asyncio.Future[Reply]
+    endpoint: int
+    tried: list[int]
+
+
 class AsyncZmqClient:
-    """asyncio client: ``await infer(...)`` from any number of tasks at once; one background reader
-    task hands each reply to its request. Use it from one event loop; ``await close()`` at the end.
+    """asyncio client over one or several endpoints: ``await infer(...)`` from any number of tasks at
+    once; one background reader task per endpoint hands each reply to its request. Use it from one
+    event loop; ``await close()`` at the end.
 
     Args:
-        endpoint: server address, e.g. ``tcp://127.0.0.1:7211``.
-        timeout_s: default per-request timeout.
+        endpoint: server address, e.g. ``tcp://127.0.0.1:7211``; several as a comma-separated list
+            or a sequence of addresses.
+        timeout_s: default per-request timeout, covering every endpoint tried.
         token: auth token sent with every request (when the server requires one).
+        cooldown_s: how long an endpoint that failed is skipped while others are up.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 30.0, *, token: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | Sequence[str],
+        timeout_s: float = 30.0,
+        *,
+        token: str | None = None,
+        cooldown_s: float = DEFAULT_COOLDOWN_S,
+    ) -> None:
         _timeout_us(timeout_s)
-        self.endpoint = endpoint
+        self.pool = EndpointPool(endpoint, cooldown_s=cooldown_s)
+        self.endpoints = self.pool.endpoints
+        self.endpoint = ",".join(self.endpoints)
         self.timeout_s = timeout_s
         self.token = token
         self._ctx = zmq.asyncio.Context()
-        self._sock: zmq.asyncio.Socket = self._ctx.socket(zmq.DEALER)
-        _configure(self._sock, endpoint)
+        pairs: list[tuple[zmq.Socket[Any], zmq.Socket[Any]]] = []
+        self._finalizer = weakref.finalize(self, _close, pairs, self._ctx)
+        try:
+            for address in self.endpoints:
+                pairs.append(_open(self._ctx, address))
+        except BaseException:
+            self._finalizer()  # a bad address: close what was opened
+            raise
+        self._socks: list[zmq.asyncio.Socket] = [sock for sock, _ in pairs]  # type: ignore[misc]
+        self._monitors: list[zmq.asyncio.Socket] = [monitor for _, monitor in pairs]  # type: ignore[misc]
         self._ids = _Ids()
-        self._pending: dict[int, asyncio.Future[Reply]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, _Attempt] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False  # reader and monitor tasks all up
         self._closed = False
-        self._finalizer = weakref.finalize(self, _close, self._sock, self._ctx)
 
     async def infer(
         self,
@@ -311,12 +523,14 @@ class AsyncZmqClient:
             DeadlineExceeded: no reply within the timeout.
             EngineError: the server's error (InvalidArgument, NotFound, ModelError, ...).
         """
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        frames = encode_request(
-            request_id, model, inputs, outputs=outputs, token=self.token, timeout_us=_timeout_us(timeout)
-        )
-        result: dict[str, np.ndarray] = await self._call(request_id, frames, MsgType.REPLY, timeout)
+        token = self.token
+
+        def build(request_id: int, timeout_us: int) -> Frames:
+            return encode_request(
+                request_id, model, inputs, outputs=outputs, token=token, timeout_us=timeout_us
+            )
+
+        result: dict[str, np.ndarray] = await self._call(build, MsgType.REPLY, timeout_s)
         return result
 
     async def infer_many(
@@ -330,27 +544,27 @@ class AsyncZmqClient:
         return list(await asyncio.gather(*(self.infer(model, x, outputs, timeout_s) for x in batch)))
 
     async def ping(self, timeout_s: float | None = None) -> bool:
-        """True when the server answers and is ready; raises DeadlineExceeded when it does not answer."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        body = await self._call(request_id, encode_ping(request_id, self.token), MsgType.PONG, timeout)
+        """True when a server (the next endpoint that answers) is ready; raises DeadlineExceeded when
+        none answers."""
+        token = self.token
+        body = await self._call(lambda rid, _: encode_ping(rid, token), MsgType.PONG, timeout_s)
         return bool(body.get("ready"))
 
     async def metadata(self, model: str, timeout_s: float | None = None) -> dict[str, Any]:
         """The model's metadata (name, versions, platform, inputs, outputs, max_batch_size, ready)."""
-        timeout = self.timeout_s if timeout_s is None else timeout_s
-        request_id = self._ids.next()
-        frames = encode_metadata_request(request_id, model, self.token)
-        body: dict[str, Any] = await self._call(request_id, frames, MsgType.METADATA_REPLY, timeout)
+        token = self.token
+        body: dict[str, Any] = await self._call(
+            lambda rid, _: encode_metadata_request(rid, model, token), MsgType.METADATA_REPLY, timeout_s
+        )
         return body
 
     async def close(self) -> None:
-        """Stop the reader, fail pending requests with Unavailable, close the socket. Safe twice."""
+        """Stop the readers, fail pending requests with Unavailable, close the sockets. Safe twice."""
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_pending(Unavailable("client closed"))
         self._finalizer()
 
@@ -362,43 +576,123 @@ class AsyncZmqClient:
 
     # -- internals -----------------------------------------------------------------------------
 
-    async def _call(self, request_id: int, frames: Frames, expected: MsgType, timeout: float) -> Any:
+    def _start(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        for task in self._tasks:
+            task.cancel()
+        self._tasks = [asyncio.create_task(self._read_loop(i)) for i in range(len(self._socks))]
+        self._tasks += [asyncio.create_task(self._monitor_loop(i)) for i in range(len(self._monitors))]
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A reader or monitor that stopped (an error) is restarted, with the others, by the next call.
+        if task in self._tasks:
+            self._running = False
+
+    async def _call(self, build: Build, expected: MsgType, timeout_s: float | None) -> Any:
         if self._closed:
             raise Unavailable("client is closed")
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.create_task(self._read_loop())
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        _timeout_us(timeout)
+        self._start()
+        deadline = time.monotonic() + timeout
+        tried: list[int] = []
+        request_id = 0
         try:
             async with asyncio.timeout(timeout):
-                await self._sock.send_multipart(frames, copy=False)
-                reply = await future
+                while True:
+                    request_id = self._ids.next()
+                    attempt = await self._send(request_id, build(request_id, _remaining_us(deadline)), tried)
+                    try:
+                        reply = await attempt.future
+                    except _Lost:
+                        tried.append(attempt.endpoint)
+                        continue
+                    finally:
+                        # dropped on every path, so a late reply finds nothing and is ignored
+                        self._pending.pop(request_id, None)
+                        if attempt.future.done() and not attempt.future.cancelled():
+                            attempt.future.exception()  # retrieved: asyncio logs none as lost
+                    if _moves_on(reply) and _can_move(self.pool, tried, attempt.endpoint):
+                        if isinstance(reply.error, Unavailable):
+                            self.pool.mark_down(attempt.endpoint)
+                        tried.append(attempt.endpoint)
+                        continue
+                    return _unpack(reply, expected)
         except TimeoutError:
             raise DeadlineExceeded(
                 f"no reply to request {request_id} from {self.endpoint} within {timeout} s"
             ) from None
-        finally:
-            # dropped on every path, so a late reply finds nothing and is ignored
-            self._pending.pop(request_id, None)
-        return _unpack(reply, expected)
 
-    async def _read_loop(self) -> None:
+    async def _send(self, request_id: int, frames: Frames, tried: list[int]) -> _Attempt:
+        """Send to the first candidate endpoint that takes the message now; when none does (none is
+        connected, or all are full), wait until one can."""
+        while True:
+            candidates = self.pool.candidates(exclude=tried)
+            for index in candidates:
+                attempt = _Attempt(asyncio.get_running_loop().create_future(), index, tried)
+                self._pending[request_id] = attempt  # before the send: the reply may beat us to it
+                try:
+                    await self._socks[index].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    del self._pending[request_id]
+                    continue
+                return attempt
+            poller = zmq.asyncio.Poller()
+            for index in candidates:
+                poller.register(self._socks[index], zmq.POLLOUT)
+            await poller.poll()  # bounded by the caller's timeout
+
+    async def _read_loop(self, index: int) -> None:
+        sock, endpoint = self._socks[index], self.endpoints[index]
         try:
             while True:
-                frames = await self._sock.recv_multipart(copy=False)
-                reply = _decode([f.buffer for f in frames], self._pending, self.endpoint)
+                frames = await sock.recv_multipart(copy=False)
+                reply = _decode([f.buffer for f in frames], self._pending, endpoint)
                 if reply is not None:
-                    future = self._pending[reply.request_id]
+                    future = self._pending[reply.request_id].future
                     if not future.done():
                         future.set_result(reply)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("zmq client %s: reader stopped", self.endpoint)
+            log.exception("zmq client %s: reader stopped", endpoint)
             self._fail_pending(Unavailable(f"zmq client reader stopped: {exc}"))
 
+    async def _monitor_loop(self, index: int) -> None:
+        monitor = self._monitors[index]
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                if event == zmq.EVENT_CONNECTED:
+                    self.pool.mark_up(index)
+                elif event == zmq.EVENT_DISCONNECTED:
+                    self._lost(index)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("zmq client %s: monitor stopped", self.endpoints[index])
+
+    def _lost(self, index: int) -> None:
+        """The connection to endpoint ``index`` dropped: its unanswered requests move elsewhere."""
+        self.pool.mark_down(index)
+        moved = 0
+        for attempt in self._pending.values():
+            mine = attempt.endpoint == index and not attempt.future.done()
+            if mine and _can_move(self.pool, attempt.tried, index):
+                attempt.future.set_exception(_Lost())
+                moved += 1
+        if moved:
+            log.warning("zmq client: connection to %s lost; moving %d requests", self.endpoints[index], moved)
+
     def _fail_pending(self, error: Exception) -> None:
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
+        for attempt in self._pending.values():
+            if not attempt.future.done():
+                attempt.future.set_exception(error)
         self._pending.clear()
+
+
+__all__ = ["AsyncZmqClient", "ZmqClient", "ZmqFuture"]
