@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from engine.logs import LOG_FORMATS
 from engine.models import builtin_repository
 
 ENV_PREFIX = "ENGINE_"
@@ -120,6 +121,16 @@ class EngineConfig:
             gives up on it.
         restart_window_s: the sliding window of ``restart_budget``.
         log_level: DEBUG, INFO, WARNING, ERROR or CRITICAL.
+        log_format: ``json`` (one JSON object per line), ``text``, or ``auto`` (default): text when
+            stderr is a terminal, else JSON (see `engine.logs`).
+        access_log: log one ``access`` line per inference request (protocol, model, status code,
+            duration, request id).
+        access_log_sample: the fraction of requests the access log keeps, in (0, 1].
+        metrics: count and time every request for Prometheus (``/metrics``); off saves the few
+            microseconds per request this costs. Board gauges (processes, arenas, rings, worker
+            counters) are served either way.
+        metrics_port: also serve ``/metrics`` on this port from the supervisor; -1 (default) does
+            not, 0 picks a free port (reported on stdout as ``metrics listening on host:port``).
         worker_threads: torch intra-op threads per CPU worker; 0 lets torch decide.
         breaker_failures: consecutive failed batches of a model that open its circuit breaker
             (requests then fail fast with UNAVAILABLE); 0 disables the breaker.
@@ -129,6 +140,8 @@ class EngineConfig:
             microseconds only when a core is free, and on a small machine it takes the CPU the
             front-ends need.
         auth_tokens: accepted bearer tokens; empty disables authentication. Never logged.
+        auth_health_open: health endpoints (gRPC ``grpc.health.v1``, REST ``/v2/health/*``, ZMQ PING)
+            answer without a token, so orchestrator probes need no secret; false makes them need one.
     """
 
     host: str = ""
@@ -155,11 +168,17 @@ class EngineConfig:
     restart_budget: int = 5
     restart_window_s: float = 60.0
     log_level: str = "INFO"
+    log_format: str = "auto"
+    access_log: bool = False
+    access_log_sample: float = 1.0
+    metrics: bool = True
+    metrics_port: int = -1
     worker_threads: int = 0
     worker_spin_us: int = -1
     breaker_failures: int = 5
     breaker_cooldown_s: float = 5.0
     auth_tokens: tuple[str, ...] = ()
+    auth_health_open: bool = True
 
     def __post_init__(self) -> None:
         for name, check in _CHECKS.items():
@@ -294,6 +313,19 @@ def _log_level(key: str, value: Any) -> str:
     return str(level)
 
 
+def _log_format(key: str, value: Any) -> str:
+    fmt = value.lower() if isinstance(value, str) else value
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(key, value, f"unknown log format; choose from {', '.join(LOG_FORMATS)}")
+    return str(fmt)
+
+
+def _fraction(key: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
+        raise ConfigError(key, value, "expected a fraction in (0, 1], e.g. 0.01 to keep one request in 100")
+    return float(value)
+
+
 def _ring_capacity(key: str, value: Any) -> int:
     _int(2, 1 << 24)(key, value)
     if value & (value - 1):
@@ -337,11 +369,17 @@ _CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "restart_budget": _int(0),
     "restart_window_s": _float(0.0, strict=True),
     "log_level": _log_level,
+    "log_format": _log_format,
+    "access_log": _bool,
+    "access_log_sample": _fraction,
+    "metrics": _bool,
+    "metrics_port": _int(-1, 65535, " (-1 turns it off, 0 picks a free port)"),
     "worker_threads": _int(0),
     "worker_spin_us": _int(-1, 100_000),
     "breaker_failures": _int(0),
     "breaker_cooldown_s": _float(0.0),
     "auth_tokens": _tokens,
+    "auth_health_open": _bool,
 }
 
 KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(EngineConfig))

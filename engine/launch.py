@@ -25,7 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    setup_logging(config.log_level, "supervisor")
+    setup_logging(config.log_level, "supervisor", config.log_format)
     try:
         from setproctitle import setproctitle
 
@@ -46,10 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BaseException:
         supervisor.stop(grace_s=0)
         raise
-    for proto, port in sorted(supervisor.endpoints().items()):
-        print(f"{proto:5s} listening on {config.host}:{port}", flush=True)
-    print("ready", flush=True)
     try:
+        # inside the try: a closed stdout (BrokenPipeError) must still stop the children and unlink
+        endpoints = supervisor.endpoints()
+        for proto, port in sorted(endpoints.items()):
+            print(f"{proto:5s} listening on {config.host}:{port}", flush=True)
+        if supervisor.telemetry.port is not None:
+            print(f"metrics listening on {config.host}:{supervisor.telemetry.port}", flush=True)
+        log.info("ready: %s", endpoints, extra={"event": "ready", "endpoints": endpoints})
+        print("ready", flush=True)
         while not stop.is_set() and supervisor.failed is None:
             supervisor.poll(0.1)
     finally:

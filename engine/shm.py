@@ -86,10 +86,12 @@ STAT_NAMES = (
     *(f"batch_le_{1 << i}" for i in range(10)),
     "breaker_state",  # stored, not added: engine.worker.breaker CLOSED / OPEN / HALF_OPEN
     "breaker_trips",
+    "compute_req_ns",  # per request: its batch's compute time (KServe compute_infer)
+    *(f"batch_ns_le_{1 << i}" for i in range(10)),  # compute time of the batches of batch_le_<n>
 )
 #: counters that hold a state rather than a count: combine across workers with max, not sum
 STAT_STATES = frozenset({"breaker_state"})
-STAT_SLOTS = 20
+STAT_SLOTS = 32
 STAT_INDEX = {name: i for i, name in enumerate(STAT_NAMES)}
 assert len(STAT_NAMES) <= STAT_SLOTS
 

@@ -27,6 +27,7 @@ from typing import Any
 from engine.config import EngineConfig, resolve_devices, resolve_spin_s
 from engine.errors import EngineError
 from engine.fdpass import PassFd
+from engine.logs import resolve_format
 from engine.models.repository import load_repository
 from engine.models.spec import ModelSpec
 from engine.shm import (
@@ -48,7 +49,8 @@ from engine.shm import (
     frontend_arena_name,
     worker_arena_name,
 )
-from ext.arena import segment_size_for
+from engine.telemetry import Telemetry
+from ext.arena import Arena, segment_size_for
 from ext.notify import eventfd_open
 from ext.ring import Ring
 from ext.segment import KIND_ARENA, KIND_CONTROL, NAME_PREFIX, Segment, segment_info, unlink_segment
@@ -139,6 +141,7 @@ class Supervisor:
         self.started_ns = time.monotonic_ns()
         self.stopping = False
         self.failed: str | None = None
+        self.telemetry = Telemetry(config, resolve_format(config.log_format))
         max_msg = config.max_message_mb << 20
         self.arena_max_block = next_pow2(max_msg + (1 << 20))
 
@@ -186,6 +189,7 @@ class Supervisor:
             ", ".join(s.name for s in specs),
             ", ".join(self.devices),
             ", ".join(c.name for c in frontends) or "none",
+            extra={"event": "start"},
         )
         for child in workers:
             self._spawn(child)
@@ -202,6 +206,7 @@ class Supervisor:
                 self._wait_up([child], ready_timeout_s)
         self._wait_up([c for c in frontends if not c.embedded], ready_timeout_s)
         self._set_server_state(SERVER_READY)
+        self.telemetry.serve(self)
 
     def _check_shm_space(self, n_workers: int, n_frontends: int) -> None:
         cfg = self.config
@@ -271,6 +276,7 @@ class Supervisor:
                 spin_s=resolve_spin_s(cfg),
                 breaker_failures=cfg.breaker_failures,
                 breaker_cooldown_s=cfg.breaker_cooldown_s,
+                telemetry=self.telemetry.settings(self),
             )
             target: Any = run
         else:
@@ -287,9 +293,11 @@ class Supervisor:
                     reuse_port=child.protocol == "grpc" and cfg.grpc_frontends > 1,
                     auth_tokens=cfg.auth_tokens,
                     instance=child.instance,
+                    auth_health_open=cfg.auth_health_open,
                 ),
                 heartbeat_interval_s=cfg.heartbeat_interval_s,
                 log_level=cfg.log_level,
+                telemetry=self.telemetry.settings(self),
             )
             target = frun
         proc = self.ctx.Process(target=target, args=(args,), name=child.name, daemon=False)
@@ -368,6 +376,7 @@ class Supervisor:
         for child in self.children:
             proc = child.process
             if proc is not None and not proc.is_alive() and not self.stopping:
+                self.telemetry.process_exited(proc.pid)
                 self._on_exit(child, proc.exitcode)
             due = child.process is None and child.restart_at is not None and now >= child.restart_at
             if due and not self.stopping and self.failed is None:
@@ -409,7 +418,9 @@ class Supervisor:
     def _on_exit(self, child: Child, code: int | None) -> None:
         assert self.control is not None
         child.process = None
-        log.error("%s exited unexpectedly (code %s); restarting", child.name, code)
+        log.error(
+            "%s exited unexpectedly (code %s); restarting", child.name, code, extra={"event": "restart"}
+        )
         now = time.monotonic()
         window = self.config.restart_window_s
         child.restarts = [t for t in child.restarts if now - t < window]
@@ -503,6 +514,7 @@ class Supervisor:
                 with contextlib.suppress(OSError):
                     os.close(fd)
             self.eventfds = []
+            self.telemetry.close()
             for name in list(self.segments):
                 self._unlink(name)
             log.info("stopped; shared memory released")
@@ -560,6 +572,7 @@ class Supervisor:
                     "inflight": control.load_u64(slot + F_INFLIGHT)
                     if control and c.role == "frontend"
                     else None,
+                    "arena_bytes_in_use": self._arena_bytes_in_use(c),
                 }
             )
         return {
@@ -573,6 +586,28 @@ class Supervisor:
             "repository_errors": dict(self.repository_errors),
         }
 
+    def _arena_bytes_in_use(self, child: Child) -> int | None:
+        """Bytes allocated in the arena of the child's current incarnation; None before it formatted it.
+
+        Read from the arena header through the supervisor's own mapping: a killed child's regions
+        must come back (its peers free them), and this is where a test or an operator sees that.
+        """
+        if child.role == "worker":
+            name = worker_arena_name(self.base, child.index, child.gen)
+        else:
+            name = frontend_arena_name(self.base, child.index, child.gen)
+        segment = self.segments.get(name)
+        if segment is None or segment.closed:
+            return None
+        try:
+            arena = Arena.attach(segment)
+        except ValueError:
+            return None  # created, not yet formatted by its process
+        try:
+            return int(arena.bytes_in_use)
+        finally:
+            arena.close()
+
     def _state_name(self) -> str:
         if self.control is None:
             return "stopped"
@@ -584,19 +619,11 @@ class Supervisor:
         }.get(self.control.load_u64(0), "?")
 
     def model_stats(self) -> dict[str, dict[str, int]]:
-        from engine.shm import STAT_NAMES, STAT_STATES
+        """Per model, the worker counters of the board combined over workers."""
+        from engine.shm import STAT_NAMES
+        from engine.stats import model_counters
 
         control, layout = self.control, self.layout
-        out: dict[str, dict[str, int]] = {}
-        for m, spec in enumerate(self.specs):
-            totals = dict.fromkeys(STAT_NAMES, 0)
-            if control is not None and layout is not None:
-                for w in range(layout.n_workers):
-                    for name in STAT_NAMES:
-                        value = control.load_u64(layout.stat(w, m, name))
-                        if name in STAT_STATES:
-                            totals[name] = max(totals[name], value)
-                        else:
-                            totals[name] += value
-            out[spec.name] = totals
-        return out
+        if control is None or layout is None:
+            return {spec.name: dict.fromkeys(STAT_NAMES, 0) for spec in self.specs}
+        return {spec.name: model_counters(control, layout, m) for m, spec in enumerate(self.specs)}

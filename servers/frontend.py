@@ -11,12 +11,14 @@ import importlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.logs import setup_logging
 from engine.shm import F_HEARTBEAT, F_PID, F_PORT, F_STATE, PROC_DOWN, PROC_UP
+from engine.telemetry import TelemetrySettings
 from servers.gateway import GatewayHandles, ShmGateway
 from servers.gateway_api import FrontendSettings
+from servers.observer import install as install_observer
 
 log = logging.getLogger("servers.frontend")
 
@@ -36,12 +38,13 @@ class FrontendArgs:
     settings: FrontendSettings
     heartbeat_interval_s: float
     log_level: str
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 def run(args: FrontendArgs) -> None:
     """Process entry point."""
     role = f"frontend {args.protocol}#{args.settings.instance}"
-    setup_logging(args.log_level, role)
+    setup_logging(args.log_level, role, args.telemetry.log_format)
     try:
         from setproctitle import setproctitle
 
@@ -63,11 +66,13 @@ async def _main(args: FrontendArgs) -> None:
     control = gateway.control
     slot = args.handles.layout.frontend(args.handles.f)
     control.store_u64(slot + F_PID, __import__("os").getpid())
+    observer = install_observer(args.telemetry, args.protocol, gateway)
+    observer.start(loop)
 
     def on_bound(port: int) -> None:
         control.store_u64(slot + F_PORT, port)
         control.store_u64(slot + F_STATE, PROC_UP)
-        log.info("serving %s on %s:%d", args.protocol, args.settings.host, port)
+        log.info("serving %s on %s:%d", args.protocol, args.settings.host, port, extra={"event": "ready"})
 
     async def heartbeat() -> None:
         while True:
@@ -80,6 +85,7 @@ async def _main(args: FrontendArgs) -> None:
         await module.serve(gateway, args.settings, on_bound, stop)
     finally:
         beat.cancel()
+        observer.close()
         control.store_u64(slot + F_STATE, PROC_DOWN)
         gateway.close()
         log.info("stopped")

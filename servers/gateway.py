@@ -53,15 +53,14 @@ from engine.shm import (
     REQ_MAGIC,
     RES_MAGIC,
     SERVER_READY,
-    STAT_INDEX,
-    STAT_SLOTS,
-    STAT_STATES,
+    STAT_NAMES,
     TENSOR_DESC_DTYPE,
     BoardLayout,
     frontend_arena_name,
     region_layout,
     worker_arena_name,
 )
+from engine.stats import kserve_statistics, model_counters
 from ext.arena import Arena
 from ext.notify import EventNotifier, WakeWord
 from ext.ring import DESC_DTYPE, Ring
@@ -73,9 +72,6 @@ log = logging.getLogger("servers.gateway")
 _MAX_ELEMENTS = 1 << 40
 #: How long after a request's deadline the front-end answers it itself when the worker has not.
 DEADLINE_SLACK_S = 0.05
-#: engine.worker.breaker's states by number (that module is the worker's; no import from here)
-BREAKER_STATES = {0: "closed", 1: "open", 2: "half_open"}
-_STATE_SLOTS = frozenset(STAT_INDEX[name] for name in STAT_STATES)
 
 
 @dataclass(frozen=True)
@@ -398,32 +394,11 @@ class ShmGateway:
             m = self.index.get(name)
             if m is None:
                 raise NotFound(f"unknown model {name!r}")
-            totals = [0] * STAT_SLOTS
-            if control is not None:
-                for w in range(self.layout.n_workers):
-                    base = self.layout.stat(w, m, "success")
-                    for k in range(STAT_SLOTS):
-                        value = control.load_u64(base + 8 * k)
-                        totals[k] = max(totals[k], value) if k in _STATE_SLOTS else totals[k] + value
-            s = {key: totals[i] for key, i in STAT_INDEX.items()}
-            out.append(
-                {
-                    "name": name,
-                    "version": self.specs[name].version,
-                    "last_inference": s["last_ns"] // 1_000_000,
-                    "inference_count": s["rows"],
-                    "execution_count": s["batches"],
-                    "success_count": s["success"],
-                    "fail_count": s["failure"] + s["expired"],
-                    "queue_ns": s["queue_ns"],
-                    "compute_ns": s["compute_ns"],
-                    "batch_stats": {
-                        k[len("batch_le_") :]: v for k, v in s.items() if k.startswith("batch_le_") and v
-                    },
-                    "breaker": BREAKER_STATES.get(s["breaker_state"], "closed"),
-                    "breaker_trips": s["breaker_trips"],
-                }
-            )
+            if control is None:
+                counters = dict.fromkeys(STAT_NAMES, 0)
+            else:
+                counters = model_counters(control, self.layout, m)
+            out.append(kserve_statistics(self.specs[name], counters))
         return out
 
     # ---- request side ------------------------------------------------------------------------

@@ -103,6 +103,7 @@ class FrontendSettings:
         reuse_port: bind with SO_REUSEPORT so several processes share the port.
         auth_tokens: accepted bearer tokens (empty = no authentication).
         instance: index of this process among the front-ends of its protocol (for logs).
+        auth_health_open: health endpoints answer without a token (when ``auth_tokens`` is set).
     """
 
     host: str = "127.0.0.1"
@@ -111,3 +112,4 @@ class FrontendSettings:
     reuse_port: bool = False
     auth_tokens: tuple[str, ...] = ()
     instance: int = 0
+    auth_health_open: bool = True

@@ -35,6 +35,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_health
 from servers.gateway_api import FrontendSettings, Gateway
 from servers.grpc_messages import ModelCache, index_response, request_inputs, statistics_message
+from servers.observer import current as current_observer
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._gateway = gateway
         self._models = ModelCache(gateway)
         self._prefix = prefix
+        self._observer = current_observer("grpc", gateway.model_names())
         self._server_metadata = pb.ServerMetadataResponse(
             name=SERVER_NAME, version=_version(), extensions=EXTENSIONS
         )
@@ -173,6 +175,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> pb.ModelInferResponse:
         """Run one request through the gateway and build its response; raises EngineError on failure."""
+        name = request.model_name
+        started = self._observer.begin(name, request.id)
+        try:
+            response = await self._infer(request, deadline_ns)
+        except BaseException as exc:
+            self._observer.end(name, started, exc)
+            raise
+        self._observer.end(name, started)
+        return response
+
+    async def _infer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> pb.ModelInferResponse:
         name = request.model_name
         entry = self._models.get(name, request.model_version)
         inputs = request_inputs(request)
@@ -274,11 +287,13 @@ for _method in UNIMPLEMENTED:
 class BearerAuth(grpc.aio.ServerInterceptor):
     """Refuses RPCs without an ``authorization: Bearer <token>`` header naming an accepted token.
 
-    Health checks are exempt: orchestrator probes carry no credentials and reveal nothing.
+    Health checks are exempt unless ``health_open`` is false: orchestrator probes carry no
+    credentials and reveal nothing.
     """
 
-    def __init__(self, tokens: tuple[str, ...]) -> None:
+    def __init__(self, tokens: tuple[str, ...], health_open: bool = True) -> None:
         self._accepted = tuple(f"Bearer {t}".encode() for t in tokens)
+        self._health_open = health_open
 
     def authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -295,7 +310,7 @@ class BearerAuth(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+        if handler is None or (self._health_open and method.startswith("/grpc.health.v1.Health/")):
             return handler
         if self.authorized(handler_call_details.invocation_metadata):
             return handler
@@ -426,7 +441,8 @@ async def serve(
     ]
     interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
     if settings.auth_tokens:
-        interceptors.insert(0, BearerAuth(settings.auth_tokens))  # refused before anything is parsed
+        # refused before anything is parsed
+        interceptors.insert(0, BearerAuth(settings.auth_tokens, settings.auth_health_open))
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway, prefix), server)
     grpc_health.add_to_server(gateway, server)

@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.errors import (
+    Cancelled,
     EngineError,
     InternalError,
     InvalidArgument,
@@ -38,7 +39,12 @@ from engine.errors import (
     NotFound,
     ResourceExhausted,
 )
+from engine.logs import request_id
+from engine.stats import kserve_json
 from servers.gateway_api import FrontendSettings, Gateway
+from servers.metrics_http import status_document
+from servers.observer import current as current_observer
+from servers.observer import current_exposition
 from servers.rest_codec import dumps, encode_infer_response, parse_header_length, parse_infer_request
 from servers.rest_metadata import (
     SERVER_NAME,
@@ -60,7 +66,7 @@ BACKLOG = 2048
 _JSON = "application/json"
 _OCTETS = "application/octet-stream"
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# Placeholder exposition until the observability work fills /metrics.
+# /metrics over a gateway that is not the engine's (protocol unit tests): no board, no metrics files.
 _METRICS_BODY = b"# HELP engine_up Whether the engine is up.\n# TYPE engine_up gauge\nengine_up 1\n"
 
 
@@ -125,6 +131,7 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
         router.add_api_route(f"{model}/config", api.model_config, methods=get)
         router.add_api_route(f"{model}/stats", api.statistics, methods=get)
     router.add_api_route("/metrics", api.metrics, methods=get)
+    router.add_api_route("/v2/status", api.status, methods=get)
     app.include_router(router)
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -136,22 +143,28 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, http_error)
     if settings.auth_tokens:
-        app.add_middleware(BearerAuth, tokens=settings.auth_tokens)
+        app.add_middleware(BearerAuth, tokens=settings.auth_tokens, health_open=settings.auth_health_open)
     return app
 
 
 class BearerAuth:
     """ASGI middleware: requires ``Authorization: Bearer <token>`` except on ``/v2/health/*``.
 
-    Health stays open so that load balancers and orchestrators can probe without a secret.
+    Health stays open (unless ``health_open`` is false) so that load balancers and orchestrators can
+    probe without a secret.
     """
 
-    def __init__(self, app: ASGIApp, tokens: tuple[str, ...]) -> None:
+    def __init__(self, app: ASGIApp, tokens: tuple[str, ...], health_open: bool = True) -> None:
         self.app = app
         self._tokens = [token.encode() for token in tokens]
+        self._health_open = health_open
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith("/v2/health/") or self._allowed(scope):
+        if (
+            scope["type"] != "http"
+            or (self._health_open and scope["path"].startswith("/v2/health/"))
+            or self._allowed(scope)
+        ):
             await self.app(scope, receive, send)
             return
         response = error_response(
@@ -180,6 +193,8 @@ class _RestApi:
         self._models: dict[str, ModelDocuments] = {}
         self._server_metadata = dumps(server_metadata())
         self.who = f"frontend rest#{settings.instance}"
+        self._observer = current_observer("rest", gateway.model_names())
+        self._exposition = current_exposition()
 
     def engine_error(self, request: Request, exc: EngineError) -> Response:
         """The response for an error of the engine's tree (logged when it is the server's fault)."""
@@ -242,7 +257,8 @@ class _RestApi:
     async def statistics(self, request: Request) -> Response:
         """Per-model statistics (all models, or the one named in the path)."""
         name = self._documents(request).spec.name if "name" in request.path_params else None
-        return Response(dumps({"model_stats": self._gateway.statistics(name)}), media_type=_JSON)
+        stats = [kserve_json(s) for s in self._gateway.statistics(name)]
+        return Response(dumps({"model_stats": stats}), media_type=_JSON)
 
     async def repository_index(self, request: Request) -> Response:
         """Models of the repository with their state; body ``{"ready": true}`` lists ready ones only."""
@@ -260,15 +276,39 @@ class _RestApi:
 
     async def metrics(self) -> Response:
         """Prometheus text exposition."""
-        return Response(_METRICS_BODY, media_type=_METRICS_TYPE)
+        if self._exposition is None:
+            return Response(_METRICS_BODY, media_type=_METRICS_TYPE)
+        return Response(self._exposition.metrics(), media_type=_METRICS_TYPE)
+
+    async def status(self) -> Response:
+        """Processes, models, queues and latency percentiles (what ``python -m engine.status`` prints)."""
+        if self._exposition is None:
+            return Response(dumps(status_document(None, None)), media_type=_JSON)
+        return Response(dumps(self._exposition.status()), media_type=_JSON)
 
     async def infer(self, request: Request) -> Response:
         """Run one inference: JSON tensors and/or binary tensors in, the same out."""
+        model = request.path_params["name"]
+        started = self._observer.begin(model)
+        try:
+            response = await self._infer(request)
+        except ClientDisconnect:
+            self._observer.end(model, started, Cancelled("client disconnected"))
+            raise
+        except BaseException as exc:
+            self._observer.end(model, started, exc)
+            raise
+        self._observer.end(model, started)
+        return response
+
+    async def _infer(self, request: Request) -> Response:
         arrived_ns = time.monotonic_ns()
         spec = self._documents(request).spec
         headers = request.headers
         body = await self._read_body(request)
         parsed = parse_infer_request(body, parse_header_length(headers.get(HEADER_LENGTH), len(body)))
+        if parsed.id:
+            request_id.set(parsed.id)
         deadline_ns = _deadline(arrived_ns, headers.get("timeout-ms"), parsed.timeout_us)
         result = await self._gateway.infer(
             spec.name, parsed.inputs, outputs=parsed.outputs, deadline_ns=deadline_ns, request_id=parsed.id

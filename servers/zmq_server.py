@@ -14,8 +14,8 @@ Limits and their failure modes:
 - A malformed message of any kind gets an ERROR reply (request id 0 when even the header is
   unreadable) and the loop goes on. Only DEALER-style peers (no empty delimiter frame) are supported.
 - Auth: with ``settings.auth_tokens`` set, REQUEST and METADATA must carry one of them
-  (constant-time compare) or get UNAUTHENTICATED (code 16). PING needs no token: health probes
-  learn only readiness.
+  (constant-time compare) or get UNAUTHENTICATED (code 16). PING needs no token (health probes
+  learn only readiness) unless ``settings.auth_health_open`` is false.
 - ``settings.reuse_port`` cannot apply: libzmq has no SO_REUSEPORT option, so one process owns the port.
 
 Replies: output arrays may be views into shared memory that stay valid only until
@@ -40,6 +40,7 @@ import zmq.asyncio
 
 from engine.errors import EngineError, InternalError, ResourceExhausted
 from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
+from servers.observer import current as current_observer
 from servers.zmq_protocol import (
     MsgType,
     Request,
@@ -112,6 +113,7 @@ class ZmqFrontend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._releaser = _Releaser(self.prefix)
         self._sock: zmq.asyncio.Socket | None = None
+        self._observer = current_observer("zmq", gateway.model_names())
 
     async def run(self, on_bound: Callable[[int], None], stop: asyncio.Event) -> None:
         """Bind, report the port, serve until ``stop`` is set, then drain and close everything."""
@@ -202,7 +204,10 @@ class ZmqFrontend:
         try:
             request = decode_request(parts)
             if request.msg_type is MsgType.PING:
-                # health probes need no token: the answer reveals only readiness
+                # health probes need no token (unless auth_health_open is off): the answer reveals
+                # only readiness
+                if not self.settings.auth_health_open:
+                    self._authenticate(request)
                 ready = self.gateway.is_ready()
                 self._send(peer, [encode_pong(request_id, ready=ready, live=self.gateway.is_live())])
                 return
@@ -213,9 +218,11 @@ class ZmqFrontend:
                 self._send(peer, [encode_metadata_reply(request_id, meta)])
                 return
             if len(self._tasks) >= self.max_inflight:
-                raise ResourceExhausted(
+                busy = ResourceExhausted(
                     f"server busy: {len(self._tasks)} requests in flight (max_inflight {self.max_inflight})"
                 )
+                self._observer.record(request.model, busy, str(request_id))
+                raise busy
             task = asyncio.create_task(self._infer(peer, request, received_ns))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -240,6 +247,7 @@ class ZmqFrontend:
         deadline_ns = None
         if request.timeout_us:
             deadline_ns = received_ns + min(request.timeout_us, MAX_TIMEOUT_US) * 1000
+        started = self._observer.begin(request.model, str(request.request_id))
         try:
             result = await self.gateway.infer(
                 request.model,
@@ -248,9 +256,14 @@ class ZmqFrontend:
                 deadline_ns=deadline_ns,
                 request_id=str(request.request_id),
             )
+        except asyncio.CancelledError as exc:
+            self._observer.end(request.model, started, exc)
+            raise
         except EngineError as exc:
+            self._observer.end(request.model, started, exc)
             self._send_error(peer, request.request_id, exc)
         except Exception as exc:
+            self._observer.end(request.model, started, exc)
             log.exception(
                 "%s: request %d for model %r failed", self.prefix, request.request_id, request.model
             )
@@ -258,6 +271,7 @@ class ZmqFrontend:
                 peer, request.request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True
             )
         else:
+            self._observer.end(request.model, started)
             self._send_result(peer, request.request_id, result)
 
     def _send_result(self, peer: bytes, request_id: int, result: InferResult) -> None:

@@ -26,6 +26,7 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from engine.metrics import NO_BATCH_METRICS, BatchObserver
 from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
@@ -99,6 +100,9 @@ class _Peer:
 
 class WorkerCore:
     """Steppable worker logic for worker slot ``w`` of the board."""
+
+    #: told about every computed batch (queue and compute time histograms); the process shell sets it
+    observer: BatchObserver = NO_BATCH_METRICS
 
     def __init__(
         self,
@@ -395,6 +399,10 @@ class WorkerCore:
             self._execute(*best)
             # Wake the front-ends per batch: answers must not wait for the batches queued behind them.
             self._flush()
+            if any(not peer.request.is_empty() for peer in self._active):
+                # Cancels (or requests) came in while that batch ran: the next step takes them before
+                # another batch forms, or a request cancelled while it waited would be computed anyway.
+                return
 
     def _execute(self, m: int, batch: list[Pending]) -> None:
         spec = self.specs[m]
@@ -431,6 +439,7 @@ class WorkerCore:
             return
         except Exception as exc:  # an engine bug must not take the worker down
             log.exception("worker %s: batch of model %s failed", self.w, spec.name)
+            self._stat(m, "failure", len(live))
             for p in live:
                 self._respond_error(p.f, p.req_id, m, InternalError(f"{type(exc).__name__}: {exc}"))
             return
@@ -449,7 +458,10 @@ class WorkerCore:
         self._stat(m, "rows", rows)
         self._stat(m, "queue_ns", sum(start - p.arrival_ns for p in live))
         self._stat(m, "compute_ns", end - start)
+        self._stat(m, "compute_req_ns", (end - start) * len(live))
         self._stat(m, f"batch_le_{_bucket(rows)}", 1)
+        self._stat(m, f"batch_ns_le_{_bucket(rows)}", end - start)
+        self.observer.batch(m, live, start, end)
 
     def _breaker_error(self, m: int, now: int) -> Unavailable:
         breaker = self.breakers[m]

@@ -12,8 +12,8 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,9 +30,13 @@ from engine.shm import (
     BoardLayout,
     worker_arena_name,
 )
+from engine.telemetry import TelemetrySettings
 from engine.worker.core import WorkerCore
 from ext.arena import Arena
 from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
+
+if TYPE_CHECKING:
+    from engine.metrics import WorkerMetrics
 
 log = logging.getLogger("engine.worker")
 
@@ -56,12 +60,13 @@ class WorkerArgs:
     spin_s: float = 50e-6
     breaker_failures: int = 5
     breaker_cooldown_s: float = 5.0
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
 
 
 def run(args: WorkerArgs) -> None:
     """Process entry point."""
     role = f"worker {args.device}"
-    setup_logging(args.log_level, role)
+    setup_logging(args.log_level, role, args.telemetry.log_format)
     try:
         from setproctitle import setproctitle
 
@@ -97,10 +102,21 @@ def run(args: WorkerArgs) -> None:
         try:
             models[m] = load_model(spec, args.device)
             bitmap |= 1 << m
-            log.info("loaded model %s on %s", spec.name, args.device)
+            log.info(
+                "loaded model %s on %s",
+                spec.name,
+                args.device,
+                extra={"event": "model_load", "model": spec.name},
+            )
         except Exception as exc:
             errors[spec.name] = f"{type(exc).__name__}: {exc}"
-            log.error("model %s failed to load on %s: %s", spec.name, args.device, errors[spec.name])
+            log.error(
+                "model %s failed to load on %s: %s",
+                spec.name,
+                args.device,
+                errors[spec.name],
+                extra={"event": "model_load_failed", "model": spec.name},
+            )
     text = orjson.dumps(errors)[: TEXT_BYTES - 8]
     buf = control.buffer()
     buf[layout.text(args.w) + 8 : layout.text(args.w) + 8 + len(text)] = text
@@ -124,6 +140,7 @@ def run(args: WorkerArgs) -> None:
         breaker_cooldown_s=args.breaker_cooldown_s,
     )
     core.loaded = set(models)
+    metrics = _metrics(args, core)
     heart = threading.Thread(
         target=_heartbeat,
         args=(control, slot, args.heartbeat_interval_s, stop),
@@ -136,14 +153,34 @@ def run(args: WorkerArgs) -> None:
     # sends as soon as it sees PROC_UP, and a reset after that would drop its request unanswered.
     core.sync_peers()
     control.store_u64(slot + F_STATE, PROC_UP)
-    log.info("ready: %d models", len(models))
+    log.info("ready: %d models", len(models), extra={"event": "ready"})
+
+    def depths() -> list[int]:
+        return [len(b) for b in core.batchers]
+
     try:
         while not stop.is_set():
             core.step(0.1)
+            if metrics is not None:
+                metrics.maybe_flush(depths)
         core.drain_all(args.drain_grace_s)
     finally:
+        if metrics is not None:
+            metrics.flush(depths())
         control.store_u64(slot + F_STATE, PROC_DOWN)
         log.info("stopped")
+
+
+def _metrics(args: WorkerArgs, core: WorkerCore) -> WorkerMetrics | None:
+    """Queue and compute time histograms of this worker, when metrics are on."""
+    if not args.telemetry.metrics:
+        return None
+    from engine.metrics import WorkerMetrics, enable_multiprocess
+
+    enable_multiprocess(args.telemetry.metrics_dir)
+    metrics = WorkerMetrics([spec.name for spec in args.specs])
+    core.observer = metrics
+    return metrics
 
 
 def _heartbeat(control: Segment, slot: int, interval: float, stop: threading.Event) -> None:
