@@ -293,6 +293,8 @@ class Supervisor:
                     reuse_port=child.protocol == "grpc" and cfg.grpc_frontends > 1,
                     auth_tokens=cfg.auth_tokens,
                     instance=child.instance,
+                    # what the gateway admits, plus room for the requests it refuses itself
+                    max_inflight=2 * cfg.max_inflight_per_frontend,
                     auth_health_open=cfg.auth_health_open,
                 ),
                 heartbeat_interval_s=cfg.heartbeat_interval_s,

@@ -112,4 +112,7 @@ class FrontendSettings:
     reuse_port: bool = False
     auth_tokens: tuple[str, ...] = ()
     instance: int = 0
+    #: calls a protocol server holds at once (gRPC RPCs, ZMQ requests) before refusing more with
+    #: RESOURCE_EXHAUSTED itself, so that overload never queues without bound below the gateway
+    max_inflight: int = 4096
     auth_health_open: bool = True

@@ -443,7 +443,11 @@ async def serve(
     if settings.auth_tokens:
         # refused before anything is parsed
         interceptors.insert(0, BearerAuth(settings.auth_tokens, settings.auth_health_open))
-    server = grpc.aio.server(options=options, interceptors=interceptors)
+    # Past this many RPCs grpc refuses new ones with RESOURCE_EXHAUSTED instead of queueing them in
+    # its core, where neither the gateway's admission control nor any deadline would see them.
+    server = grpc.aio.server(
+        options=options, interceptors=interceptors, maximum_concurrent_rpcs=settings.max_inflight
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway, prefix), server)
     grpc_health.add_to_server(gateway, server)
     address = _address(settings.host, settings.port)

@@ -82,12 +82,12 @@ async def serve(
 
     Args:
         gateway: where requests go.
-        settings: bind address, limits, auth tokens, instance index (a ``max_inflight`` attribute,
-            when the settings carry one, bounds concurrent requests; default `DEFAULT_MAX_INFLIGHT`).
+        settings: bind address, limits (``max_inflight`` bounds concurrent requests), auth tokens,
+            instance index.
         on_bound: called once with the bound port (the chosen one when ``settings.port`` is 0).
         stop: set it to stop; in-flight requests get `DRAIN_TIMEOUT_S` to finish.
     """
-    max_inflight = int(getattr(settings, "max_inflight", DEFAULT_MAX_INFLIGHT))
+    max_inflight = settings.max_inflight
     await ZmqFrontend(gateway, settings, max_inflight=max_inflight).run(on_bound, stop)
 
 
