@@ -131,7 +131,9 @@ class EngineConfig:
             counters) are served either way.
         metrics_port: also serve ``/metrics`` on this port from the supervisor; -1 (default) does
             not, 0 picks a free port (reported on stdout as ``metrics listening on host:port``).
-        worker_threads: torch intra-op threads per CPU worker; 0 lets torch decide.
+        worker_threads: torch intra-op threads per CPU worker; 0 (default) means the CPUs left
+            after one per front-end process, at least 1: torch's threads spin between parallel
+            regions and would take the cores the front-ends need.
         breaker_failures: consecutive failed batches of a model that open its circuit breaker
             (requests then fail fast with UNAVAILABLE); 0 disables the breaker.
         breaker_cooldown_s: how long an open breaker refuses before one probe batch is let through.
