@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXT_SRC := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 
-.PHONY: serve test lint typecheck unit integration bench bench-micro build clean protos debug
+.PHONY: serve test lint typecheck unit integration bench bench-micro benchmarks build clean protos debug
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: build
 
 bench-micro: build
 	$(PY) -m bench micro --json bench-micro.json
+
+# Measures everything BENCHMARKS.md shows (about 12 minutes), then redraws its plots and tables.
+benchmarks: build
+	$(PY) -m bench report --run --results bench/results --markdown BENCHMARKS.md
 
 debug: $(STAMP)
 	ENGINE_DEBUG=1 $(PY) setup.py build_ext --inplace --force

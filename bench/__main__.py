@@ -17,6 +17,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "micro": ("bench.micro", "micro-benchmarks of the compiled hot path (rings, wake-ups, arena)"),
     "engine": ("bench.engine_rtt", "engine round trip (gateway -> worker -> gateway), latency and req/s"),
     "protocols": ("bench.protocols", "gRPC, ZMQ and REST against a launched server: req/s, p50, p99"),
+    "overload": ("bench.overload", "gRPC at 5x the sustainable rate: admitted p99, refused share, RSS"),
+    "faults": ("bench.faults", "signals under steady load: requests sent, answered OK/error, hung"),
+    "metrics": ("bench.metrics_overhead", "requests/s with metrics on vs off (the cost of observability)"),
+    "load": ("bench.load", "closed/open-loop or burst load over gRPC, ZMQ or REST; HDR percentiles"),
+    "scenario": ("bench.scenarios", "a named load: latency, throughput, seed, burst"),
+    "compare": ("bench.compare", "one load against the engine, compute floor, echo floor and baselines"),
+    "report": ("bench.report", "plots and BENCHMARKS.md tables from the JSON results (--run: measure)"),
 }
 
 

@@ -19,22 +19,16 @@ import asyncio
 import json
 import os
 import platform
-import queue
 import re
-import signal
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
+
+from bench.load_server import Endpoints, launched_server
 
 PROTOCOLS = ("grpc", "zmq", "rest-binary")
 MODELS = ("identity", "mlp")
@@ -45,86 +39,10 @@ QUICK_DURATION_S = 2.0
 WARMUP_S = 0.5
 #: Set to 1 for quick runs (as for the rest of the bench suite).
 BENCH_QUICK_ENV = "ENGINE_BENCH_QUICK"
-SERVER_ARGS = (
-    "--grpc-port", "0", "--rest-port", "0", "--zmq-port", "0", "--devices", "cpu", "--log-level", "WARNING",
-    "--set", "max_message_mb=8", "--set", "frontend_arena_mb=64", "--set", "worker_arena_mb=64",
-)  # fmt: skip
-READY_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 30.0
-
-_LISTENING = re.compile(r"^(\w+)\s+listening on (\S+):(\d+)$")
-_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 #: One request: awaits it and raises on failure.
 Call = Callable[[], Awaitable[None]]
-
-
-# ---- the server ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    """Where the launched server listens."""
-
-    host: str
-    ports: dict[str, int]
-
-
-@contextmanager
-def launched_server(extra_args: Sequence[str] = ()) -> Iterator[Endpoints]:
-    """``python -m engine.launch`` for the ``with`` block: waits for its ``ready`` line, SIGTERMs it after.
-
-    Raises:
-        RuntimeError: the server exited or printed no ``ready`` within `READY_TIMEOUT_S`.
-    """
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.launch", *SERVER_ARGS, *extra_args],
-            cwd=_REPO_ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=log,
-        )
-        try:
-            yield _wait_ready(proc, log)
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], log: Any) -> Endpoints:
-    lines: queue.Queue[str | None] = queue.Queue()
-    stdout = proc.stdout
-    assert stdout is not None
-
-    def read() -> None:  # a thread: the wait below is then a queue get with a timeout
-        for raw in iter(stdout.readline, b""):
-            lines.put(raw.decode(errors="replace").strip())
-        lines.put(None)
-
-    threading.Thread(target=read, name="bench-server-stdout", daemon=True).start()
-    host, ports = "", dict[str, int]()
-    end = time.monotonic() + READY_TIMEOUT_S
-    while True:
-        try:
-            line = lines.get(timeout=max(0.0, end - time.monotonic()))
-        except queue.Empty:
-            line = None
-        if line is None:
-            log.seek(0)
-            tail = log.read().decode(errors="replace")[-3000:]
-            raise RuntimeError(f"the server did not get ready (exit code {proc.poll()}); log:\n{tail}")
-        if line == "ready":
-            return Endpoints(host, ports)
-        match = _LISTENING.match(line)
-        if match:
-            host = match[2]
-            ports[match[1]] = int(match[3])
 
 
 # ---- one client per protocol -----------------------------------------------------------------------------

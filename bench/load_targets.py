@@ -1,0 +1,405 @@
+"""Load clients, one per protocol, that spend as little client CPU per request as they can.
+
+Every request is serialised once, before the run: gRPC sends the ModelInferRequest's bytes through a
+generic ``unary_unary`` without serializers (no protobuf work per call), ZMQ sends prebuilt frames
+(only the 8-byte request id is patched into a copy of the header), REST writes one prebuilt HTTP/1.1
+request (header and binary tensor body) on a keep-alive connection per in-flight slot and reads the
+answer with a minimal `asyncio.Protocol` parser. Answers are only parsed when a spot check is due.
+
+A `Target` hands out one `Call` per in-flight slot; ``await call(check)`` sends one request and
+returns None on success, else an error code (the gRPC status name, ``HTTP_<status>``, the ZMQ error's
+gRPC name, ``TIMEOUT``, ``CONNECTION``, `WRONG_ANSWER` when a checked answer differs). A call never
+raises, so the load loops stay tiny.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import re
+import struct
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import numpy as np
+import orjson
+
+from bench.load_payload import Payload
+from bench.load_stats import WRONG_ANSWER
+
+#: One request of one slot: ``await call(check)`` -> None or an error code.
+Call = Callable[[bool], Awaitable[str | None]]
+#: The protocols a load can speak, and the engine endpoint each uses.
+PROTOCOLS = ("grpc", "zmq", "rest")
+ENDPOINT_OF = {"grpc": "grpc", "zmq": "zmq", "rest": "rest"}
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+_CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
+_HEADER_LENGTH = re.compile(rb"(?i)\r\ninference-header-content-length:\s*(\d+)")
+
+
+class Target:
+    """A server endpoint speaking one protocol, with the request to send.
+
+    Args:
+        address: ``host:port`` of the endpoint.
+        payload: the request and its expected answer.
+        timeout_s: per-request timeout (a request past it is counted as ``TIMEOUT`` or
+            ``DEADLINE_EXCEEDED``).
+    """
+
+    protocol = ""
+
+    def __init__(self, address: str, payload: Payload, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self.payload = payload
+        self.timeout_s = timeout_s
+
+    async def open(self) -> None:
+        """Connect (called once, inside the running loop, before any `slot`)."""
+
+    def slot(self) -> Call:
+        """A call for one in-flight slot (slots may share a connection)."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Close every connection."""
+
+
+def make_target(protocol: str, address: str, payload: Payload, timeout_s: float = 30.0) -> Target:
+    """The `Target` for ``protocol`` (``grpc``, ``zmq`` or ``rest``)."""
+    classes: dict[str, type[Target]] = {"grpc": GrpcTarget, "zmq": ZmqTarget, "rest": RestTarget}
+    if protocol not in classes:
+        raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
+    return classes[protocol](address, payload, timeout_s)
+
+
+def _verify(payload: Payload, outputs: dict[str, np.ndarray]) -> str | None:
+    return None if payload.verify(outputs) else WRONG_ANSWER
+
+
+# ---- gRPC ----------------------------------------------------------------------------------------
+
+
+def grpc_request_bytes(payload: Payload) -> bytes:
+    """The serialised ModelInferRequest of ``payload`` (raw input contents)."""
+    from engine.dtypes import kserve_name
+    from protos import grpc_service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=payload.model)
+    for name, array in payload.inputs.items():
+        request.inputs.add(name=name, datatype=kserve_name(array.dtype), shape=array.shape)
+        request.raw_input_contents.append(np.ascontiguousarray(array).tobytes())
+    return bytes(request.SerializeToString())
+
+
+def grpc_response_outputs(raw: bytes) -> dict[str, np.ndarray]:
+    """The outputs of a serialised ModelInferResponse (raw output contents)."""
+    from engine.dtypes import numpy_dtype
+    from protos import grpc_service_pb2 as pb
+
+    response = pb.ModelInferResponse.FromString(raw)
+    return {
+        out.name: np.frombuffer(data, dtype=numpy_dtype(out.datatype)).reshape(tuple(out.shape))
+        for out, data in zip(response.outputs, response.raw_output_contents, strict=False)
+    }
+
+
+class GrpcTarget(Target):
+    """KServe v2 ModelInfer over one grpc.aio channel (HTTP/2: every slot shares the connection)."""
+
+    protocol = "grpc"
+
+    async def open(self) -> None:
+        import grpc
+        import grpc.aio
+
+        self._code_names = {code: code.name for code in grpc.StatusCode}
+        self._error = grpc.aio.AioRpcError
+        self._channel = grpc.aio.insecure_channel(
+            self.address,
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        await asyncio.wait_for(self._channel.channel_ready(), self.timeout_s)
+        # no serializers: the call takes and returns bytes
+        self._method = self._channel.unary_unary(MODEL_INFER)
+        self._request = grpc_request_bytes(self.payload)
+
+    def slot(self) -> Call:
+        method, request, timeout, payload = self._method, self._request, self.timeout_s, self.payload
+        error, names = self._error, self._code_names
+
+        async def call(check: bool) -> str | None:
+            try:
+                raw = await method(request, timeout=timeout)
+            except error as exc:
+                return names.get(exc.code(), "UNKNOWN")
+            if check:
+                return _verify(payload, grpc_response_outputs(raw))
+            return None
+
+        return call
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+# ---- ZMQ -----------------------------------------------------------------------------------------
+
+
+class ZmqTarget(Target):
+    """The ZMQ front-end over one DEALER socket: prebuilt frames, replies matched by request id."""
+
+    protocol = "zmq"
+
+    async def open(self) -> None:
+        import zmq
+        import zmq.asyncio
+
+        from servers.zmq_protocol import MsgType, encode_request
+
+        self._zmq = zmq
+        self._ctx = zmq.asyncio.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        address = self.address if "://" in self.address else f"tcp://{self.address}"
+        self._sock.connect(address)
+        frames = encode_request(
+            0, self.payload.model, self.payload.inputs, timeout_us=int(self.timeout_s * 1e6)
+        )
+        self._header = bytes(frames[0])
+        self._tensors = [bytes(f) for f in frames[1:]]
+        self._reply_type = int(MsgType.REPLY)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[list[bytes]]] = {}
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        sock, pending = self._sock, self._pending
+        while True:
+            frames = await sock.recv_multipart()
+            if not frames or len(frames[0]) < 16:
+                continue
+            (request_id,) = struct.unpack_from("<Q", frames[0], 8)
+            future = pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_result(frames)
+
+    def slot(self) -> Call:
+        loop = asyncio.get_running_loop()
+        header, tensors, sock, pending = self._header, self._tensors, self._sock, self._pending
+        ids, timeout, payload, reply_type = self._ids, self.timeout_s, self.payload, self._reply_type
+
+        def expire(request_id: int) -> None:
+            future = pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(TimeoutError())
+
+        async def call(check: bool) -> str | None:
+            request_id = next(ids)
+            head = bytearray(header)
+            struct.pack_into("<Q", head, 8, request_id)
+            future: asyncio.Future[list[bytes]] = loop.create_future()
+            pending[request_id] = future
+            timer = loop.call_later(timeout, expire, request_id)
+            try:
+                await sock.send_multipart([head, *tensors])
+                frames = await future
+            except TimeoutError:
+                return "TIMEOUT"
+            finally:
+                timer.cancel()
+            if frames[0][5] != reply_type or check:
+                return _zmq_outcome(frames, payload)
+            return None
+
+        return call
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # it only ever stops by this cancel
+            await self._reader
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+
+def _zmq_outcome(frames: list[bytes], payload: Payload) -> str | None:
+    from engine.errors import EngineError
+    from servers.zmq_protocol import decode_reply
+
+    try:
+        reply = decode_reply(frames)
+    except EngineError as exc:
+        return f"BAD_REPLY_{exc.grpc_code}"
+    if reply.error is not None:
+        return reply.error.grpc_code
+    return _verify(payload, reply.outputs or {})
+
+
+# ---- REST ----------------------------------------------------------------------------------------
+
+
+def rest_request_bytes(host: str, payload: Payload) -> bytes:
+    """The whole HTTP/1.1 request (head and body) of ``payload`` with binary tensors both ways."""
+    from engine.dtypes import kserve_name
+
+    entries = []
+    tails = []
+    for name, array in payload.inputs.items():
+        data = np.ascontiguousarray(array).tobytes()
+        entries.append(
+            {
+                "name": name,
+                "datatype": kserve_name(array.dtype),
+                "shape": list(array.shape),
+                "parameters": {"binary_data_size": len(data)},
+            }
+        )
+        tails.append(data)
+    header = orjson.dumps({"inputs": entries, "parameters": {"binary_data_output": True}})
+    body = header + b"".join(tails)
+    head = (
+        f"POST /v2/models/{payload.model}/infer HTTP/1.1\r\nHost: {host}\r\n"
+        f"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: {len(header)}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def rest_response_outputs(head: bytes, body: bytes) -> dict[str, np.ndarray]:
+    """The outputs of a KServe v2 HTTP response (JSON, or JSON header plus binary tensors)."""
+    from engine.dtypes import numpy_dtype
+
+    match = _HEADER_LENGTH.search(head)
+    json_length = int(match[1]) if match else len(body)
+    document: dict[str, Any] = orjson.loads(body[:json_length])
+    outputs: dict[str, np.ndarray] = {}
+    at = json_length
+    for entry in document.get("outputs", []):
+        dtype = numpy_dtype(entry["datatype"])
+        shape = tuple(entry["shape"])
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            outputs[entry["name"]] = np.frombuffer(body[at : at + size], dtype=dtype).reshape(shape)
+            at += size
+        else:
+            outputs[entry["name"]] = np.asarray(entry["data"], dtype=dtype).reshape(shape)
+    return outputs
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time (no pipelining)."""
+
+    def __init__(self) -> None:
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._waiter: asyncio.Future[tuple[int, bytes, bytes]] | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have the same methods
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        waiter = self._waiter
+        if waiter is None:
+            return
+        buffer = self._buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(buffer[: end + 2])
+        match = _CONTENT_LENGTH.search(head)
+        if match is None:
+            self._fail(ConnectionError(f"response without Content-Length: {head[:200]!r}"))
+            return
+        total = end + 4 + int(match[1])
+        if len(buffer) < total:
+            return
+        body = bytes(buffer[end + 4 : total])
+        del buffer[:total]
+        self._waiter = None
+        if not waiter.done():
+            waiter.set_result((int(head[9:12]), head, body))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._fail(ConnectionError(f"connection lost: {exc}"))
+
+    def _fail(self, exc: Exception) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(exc)
+        if self._transport is not None:
+            self._transport.close()
+        self.closed = True
+
+    def request(self, raw: bytes) -> asyncio.Future[tuple[int, bytes, bytes]]:
+        """Send ``raw``; the future gives (status, head, body)."""
+        assert self._transport is not None
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._transport.write(raw)
+        return self._waiter
+
+    def abort(self) -> None:
+        """Drop the connection (a request timed out: its answer may still come, on a dead socket)."""
+        self._fail(TimeoutError())
+
+
+class RestTarget(Target):
+    """KServe v2 HTTP with binary tensors: one keep-alive connection per slot."""
+
+    protocol = "rest"
+
+    async def open(self) -> None:
+        self._host, _, port = self.address.rpartition(":")
+        self._port = int(port)
+        self._raw = rest_request_bytes(self._host, self.payload)
+        self._connections: list[HttpConnection] = []
+
+    async def _connect(self) -> HttpConnection:
+        loop = asyncio.get_running_loop()
+        _, connection = await loop.create_connection(HttpConnection, self._host, self._port)
+        self._connections.append(connection)
+        return connection
+
+    def slot(self) -> Call:
+        loop = asyncio.get_running_loop()
+        raw, timeout, payload = self._raw, self.timeout_s, self.payload
+        held: list[HttpConnection] = []
+
+        async def call(check: bool) -> str | None:
+            try:
+                if not held or held[0].closed:
+                    held[:] = [await self._connect()]
+                connection = held[0]
+                future = connection.request(raw)
+                timer = loop.call_later(timeout, connection.abort)
+                try:
+                    status, head, body = await future
+                finally:
+                    timer.cancel()
+            except TimeoutError:
+                return "TIMEOUT"
+            except OSError:
+                return "CONNECTION"
+            if status != 200:
+                return f"HTTP_{status}"
+            if check:
+                return _verify(payload, rest_response_outputs(head, body))
+            return None
+
+        return call
+
+    async def close(self) -> None:
+        for connection in self._connections:
+            connection.abort()
+        self._connections.clear()
