@@ -30,6 +30,7 @@ from engine.metrics import NO_BATCH_METRICS, BatchObserver
 from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
+    F_INFLIGHT,
     FLAG_BATCHED,
     HEADER_BYTES,
     KIND_CANCEL,
@@ -150,6 +151,7 @@ class WorkerCore:
             for s in self.specs
         ]
         self.loaded: set[int] = set()
+        self._inflight_at = [layout.frontend(f, F_INFLIGHT) for f in range(layout.n_frontends)]
         # the board offsets of this worker's counters, computed once (they are on the request path)
         self._stat_base = [layout.stat(w, m, STAT_NAMES[0]) for m in range(len(self.specs))]
         self.breakers = [CircuitBreaker(breaker_failures, int(breaker_cooldown_s * 1e9)) for _ in self.specs]
@@ -389,8 +391,14 @@ class WorkerCore:
                 if not len(batcher):
                     continue
                 batch = batcher.next_batch(now)
-                if batch is None and self._gap_ns[m] > self.batchers[m].max_queue_delay_ns:
-                    batch = batcher.flush_one(now)  # sparse traffic: nobody is coming to share it
+                if (
+                    batch is None
+                    and self._gap_ns[m] > batcher.max_queue_delay_ns
+                    and self._inflight_total() <= self._queued_total()
+                ):
+                    # sparse traffic, and every admitted request is already here: nobody is
+                    # coming to share the batch, so waiting would only add latency
+                    batch = batcher.flush_one(now)
                 if batch:
                     best = (m, batch)
                     break
@@ -462,6 +470,13 @@ class WorkerCore:
         self._stat(m, f"batch_le_{_bucket(rows)}", 1)
         self._stat(m, f"batch_ns_le_{_bucket(rows)}", end - start)
         self.observer.batch(m, live, start, end)
+
+    def _inflight_total(self) -> int:
+        """Requests the front-ends have admitted and not yet seen answered (all models)."""
+        return sum(self.control.load_u64(at) for at in self._inflight_at)
+
+    def _queued_total(self) -> int:
+        return sum(len(b) for b in self.batchers)
 
     def _breaker_error(self, m: int, now: int) -> Unavailable:
         breaker = self.breakers[m]
