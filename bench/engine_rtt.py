@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import time
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.output import write_json
 from engine.config import EngineConfig
 from engine.engine import Engine
 from servers.gateway import ShmGateway
@@ -165,10 +165,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> dict[str, A
     }
     print(format_table(result))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, json_path)}")
     return result
 
 

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import json
 import os
 import platform
 import queue
@@ -50,6 +49,7 @@ from typing import IO, Any
 import numpy as np
 
 from bench.load_server import REPO_ROOT, process_title, process_tree
+from bench.output import write_json
 
 FAULTS = ("sigkill-worker", "sigkill-frontend", "sigstop-worker", "sigterm-server")
 MODEL = "mlp"
@@ -409,10 +409,7 @@ def run(
     }
     print(format_table(result))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, json_path)}")
     return result
 
 

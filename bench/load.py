@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import threading
@@ -34,6 +33,7 @@ from bench.load_runner import LoadSpec, PhaseResult
 from bench.load_server import Endpoints, launched_server
 from bench.load_stats import Recorder, summary
 from bench.load_targets import ENDPOINT_OF, PROTOCOLS
+from bench.output import write_json  # re-exported: callers use bench.load.write_json
 
 #: Pause between burst rounds, so that one round's tail never overlaps the next.
 ROUND_GAP_S = 0.5
@@ -260,14 +260,6 @@ def format_result(result: dict[str, Any]) -> str:
         top = ", ".join(f"{fn} {pct}%" for fn, pct in prof.get("self", [])[:5])
         lines.append(f"  profile {name} ({prof['samples']} samples): {top}")
     return "\n".join(lines)
-
-
-def write_json(result: dict[str, Any], path: str | Path) -> Path:
-    """Write ``result`` as indented JSON (folders created); returns the path."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return out
 
 
 # ---- the command ---------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ and the report gives it as a share of the server's CPU time per request with met
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.load_server import Endpoints, cpu_seconds, launched_server, process_tree
+from bench.output import write_json
 from bench.protocols import WARMUP_S, measure
 
 MODEL = "identity"
@@ -125,10 +125,7 @@ def run(
     }
     print(format_table(result))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, json_path)}")
     return result
 
 

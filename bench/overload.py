@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import time
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.load_server import Endpoints, launched_server, process_title, process_tree
+from bench.output import write_json
 
 MODEL = "mlp"
 SHAPE = (1, 256)
@@ -322,10 +322,7 @@ def run(
     }
     print(format_table(result))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, json_path)}")
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import re
@@ -29,6 +28,7 @@ import numpy as np
 import orjson
 
 from bench.load_server import Endpoints, launched_server
+from bench.output import write_json
 
 PROTOCOLS = ("grpc", "zmq", "rest-binary")
 MODELS = ("identity", "mlp")
@@ -251,10 +251,7 @@ def run(json_path: str | Path | None = None, quick: bool = False) -> dict[str, A
     }
     print(format_table(result))
     if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_json(result, json_path)}")
     return result
 
 
