@@ -95,6 +95,23 @@ _FAULTY_PY = f'''
         return (x * 2).astype(np.float32)
 '''
 
+#: ``patient``: an FP32 [4] echo that batches with a batching delay far longer than any test waits.
+PATIENT_DELAY_S = 60.0
+_PATIENT_YAML = f"""
+    backend: python
+    source: model.py:forward
+    max_batch_size: 8
+    dynamic_batching: {{max_queue_delay_us: {int(PATIENT_DELAY_S * 1e6)}}}
+    inputs: [{{name: INPUT0, datatype: FP32, shape: [4]}}]
+    outputs: [{{name: OUTPUT0, datatype: FP32, shape: [4]}}]
+"""
+_ECHO_PY = '''
+    """Echoes its input."""
+
+    def forward(x):
+        return x.copy()
+'''
+
 #: A slow echo: OUTPUT0 = INPUT0 after sleeping; logs the first value of every row it computes to
 #: ``calls.log`` in its folder (the warm-up logs 0.0), so a test can tell which requests were computed.
 _SLOW_YAML = """
@@ -181,6 +198,10 @@ class RepoBuilder:
     def faulty(self, name: str = "faulty") -> Path:
         """FP32 [4] -> 2x, batching up to 8; a negative input raises ValueError(`FAULTY_MESSAGE`)."""
         return self.model(name, _FAULTY_YAML, _FAULTY_PY)
+
+    def patient(self, name: str = "patient") -> Path:
+        """FP32 [4] echo, batching up to 8 with a `PATIENT_DELAY_S` batching delay."""
+        return self.model(name, _PATIENT_YAML, _ECHO_PY)
 
     def slow(self, name: str, sleep_s: float, max_batch_size: int) -> Path:
         """FP32 [4] echo that sleeps ``sleep_s`` per batch and logs the rows it computed."""
@@ -304,11 +325,13 @@ def harness_factory() -> Iterator[Callable[[EngineConfig], EngineHarness]]:
 
 @pytest.fixture(scope="module")
 def shared_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHarness]:
-    """One engine for a whole module: simple, identity, mlp, ``faulty`` and ``slow`` (0.3 s per request,
-    no batching). Tests that kill or crash the worker start their own through `harness_factory`."""
+    """One engine for a whole module: simple, identity, mlp, ``faulty``, ``patient`` and ``slow`` (0.3 s
+    per request, no batching). Tests that kill or crash the worker start their own through
+    `harness_factory`."""
     builder = RepoBuilder(tmp_path_factory.mktemp("shared") / "models")
     builder.builtin("simple", "identity", "mlp")
     builder.faulty("faulty")
+    builder.patient("patient")
     builder.slow("slow", sleep_s=0.3, max_batch_size=0)
     harness = EngineHarness(small_config(builder.path))
     harness.repo = builder

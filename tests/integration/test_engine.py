@@ -18,6 +18,7 @@ import pytest
 from engine.errors import DeadlineExceeded, InvalidArgument, ModelError, NotFound
 from engine.models.repository import load_repository
 from servers.gateway_api import InferInput
+from tests.integration.conftest import PATIENT_DELAY_S
 
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.int32): "INT32"}
 
@@ -97,6 +98,24 @@ def test_64_concurrent_requests_are_batched(shared_engine: Any, rng: np.random.G
     assert d["success"] == 64 and d["rows"] == 64, d
     assert d["rows"] > d["batches"], f"64 concurrent requests were never batched: {d}"
     assert sum(v for k, v in d.items() if k.startswith("batch_le_")) == d["batches"]
+
+
+def test_a_lone_request_does_not_wait_out_the_batching_delay(shared_engine: Any) -> None:
+    # "patient" holds a request up to a minute for companions; one request at a time with nothing else
+    # admitted must run at once: waiting could not fill its batch, only add latency.
+    before = shared_engine.stats("patient")
+
+    async def one_at_a_time() -> None:
+        for i in range(5):
+            x = np.full((1, 4), float(i), dtype=np.float32)
+            out = await asyncio.wait_for(
+                infer(shared_engine.gateway, "patient", {"INPUT0": x}), PATIENT_DELAY_S / 4
+            )
+            np.testing.assert_array_equal(out["OUTPUT0"], x)
+
+    shared_engine.run(one_at_a_time())
+    d = delta(shared_engine.stats("patient"), before)
+    assert d["success"] == 5 and d["batches"] == 5, d
 
 
 def test_mixed_models_interleaved(shared_engine: Any, mlp_reference: Any, rng: np.random.Generator) -> None:

@@ -51,7 +51,7 @@ def test_builtins_load() -> None:
     assert identity.dynamic_batching.max_queue_delay_us == 200
     mlp = repo.specs["mlp"]
     assert mlp.inputs[0] == TensorSpec("INPUT0", "FP32", (256,))
-    assert mlp.dynamic_batching == DynamicBatching(max_queue_delay_us=500, preferred_batch_sizes=())
+    assert mlp.dynamic_batching == DynamicBatching(max_queue_delay_us=2000, preferred_batch_sizes=())
     assert all(s.path is not None and s.path.is_dir() for s in repo.specs.values())
 
 
