@@ -4,9 +4,11 @@
 uvicorn (httptools) inside the caller's running event loop (uvloop in the front-end process) on a
 socket it binds itself, so port 0 works and the bound port is reported through ``on_bound``.
 
-The ``/infer`` route reads the raw body and decodes it with `servers.rest_codec` (orjson, numpy),
-bypassing FastAPI's pydantic body parsing. Every failure answers ``{"error": "..."}`` with the status
-of its `engine.errors` class; only an unexpected exception (an engine bug) is a 500, logged with its
+The application `build_app` makes is ``BearerAuth`` (when tokens are set) -> the ``/infer`` fast
+path of `servers.rest_fastpath` -> FastAPI: inference requests never reach FastAPI's routing and
+middlewares; every other route does. The ``/infer`` route reads the raw body and decodes it with
+`servers.rest_codec` (orjson, numpy). Every failure answers ``{"error": "..."}`` with the status of
+its `engine.errors` class; only an unexpected exception (an engine bug) is a 500, logged with its
 traceback.
 """
 
@@ -17,7 +19,6 @@ import contextlib
 import hmac
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any
 
@@ -30,22 +31,23 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from engine.errors import (
-    Cancelled,
-    EngineError,
-    InternalError,
-    InvalidArgument,
-    ModelError,
-    NotFound,
-    ResourceExhausted,
-)
-from engine.logs import request_id
+from engine.errors import EngineError, InvalidArgument
 from engine.stats import kserve_json
 from servers.gateway_api import FrontendSettings, Gateway
 from servers.metrics_http import status_document
 from servers.observer import current as current_observer
 from servers.observer import current_exposition
-from servers.rest_codec import dumps, encode_infer_response, parse_header_length, parse_infer_request
+from servers.rest_codec import dumps
+from servers.rest_fastpath import (
+    HEADER_LENGTH,
+    InferEndpoint,
+    InferFastPath,
+    PayloadTooLarge,
+    Reply,
+    engine_error_reply,
+    model_spec,
+    read_body,
+)
 from servers.rest_metadata import (
     SERVER_NAME,
     ModelDocuments,
@@ -56,24 +58,28 @@ from servers.rest_metadata import (
 
 logger = logging.getLogger(__name__)
 
-#: Header of Triton's binary tensor extension: size of the JSON part of the body.
-HEADER_LENGTH = "Inference-Header-Content-Length"
+# HEADER_LENGTH and PayloadTooLarge live in servers.rest_fastpath; they stay importable from here.
+__all__ = [
+    "BACKLOG",
+    "DRAIN_TIMEOUT_S",
+    "HEADER_LENGTH",
+    "BearerAuth",
+    "PayloadTooLarge",
+    "bind_socket",
+    "build_app",
+    "error_response",
+    "serve",
+]
+
 #: Seconds `serve` lets in-flight requests finish after ``stop`` is set before cancelling them.
 DRAIN_TIMEOUT_S = 10
 #: listen() backlog of the bound socket.
 BACKLOG = 2048
 
 _JSON = "application/json"
-_OCTETS = "application/octet-stream"
 _METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # /metrics over a gateway that is not the engine's (protocol unit tests): no board, no metrics files.
 _METRICS_BODY = b"# HELP engine_up Whether the engine is up.\n# TYPE engine_up gauge\nengine_up 1\n"
-
-
-class PayloadTooLarge(InvalidArgument):
-    """The request body is larger than ``max_message_bytes`` (HTTP 413)."""
-
-    http_status = 413
 
 
 def error_response(status: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
@@ -81,14 +87,26 @@ def error_response(status: int, message: str, headers: Mapping[str, str] | None 
     return Response(orjson.dumps({"error": message}), status, headers=headers, media_type=_JSON)
 
 
-def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
-    """The FastAPI application serving ``gateway`` over KServe v2 HTTP.
+def build_app(gateway: Gateway, settings: FrontendSettings) -> ASGIApp:
+    """The ASGI application serving ``gateway`` over KServe v2 HTTP.
+
+    Bearer authentication (when ``settings.auth_tokens`` is set) first, then the ``/infer`` fast
+    path (`servers.rest_fastpath.InferFastPath`), then FastAPI for every other request.
 
     Args:
         gateway: where requests go and metadata comes from.
         settings: message size limit, bearer tokens and the instance index (for logs).
     """
     api = _RestApi(gateway, settings)
+    app: ASGIApp = InferFastPath(_build_fastapi(api), api.endpoint)
+    if settings.auth_tokens:
+        app = BearerAuth(app, tokens=settings.auth_tokens, health_open=settings.auth_health_open)
+    return app
+
+
+def _build_fastapi(api: _RestApi) -> FastAPI:
+    """The FastAPI application: every route, ``/infer`` included (its schema, and the odd path
+    that FastAPI matches but the fast path does not)."""
 
     class GuardedRoute(APIRoute):
         """Turns every failure of a route into ``{"error": ...}`` with its status."""
@@ -116,7 +134,8 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
     app = FastAPI(title=SERVER_NAME, version=server_version())
     router = APIRouter(route_class=GuardedRoute)
     get, post = ["GET"], ["POST"]
-    # Routes are matched in order: the hot one first.
+    # The fast path answers POST on these two first; FastAPI keeps them for the OpenAPI schema and
+    # the 405 on other methods. Routes are matched in order.
     router.add_api_route("/v2/models/{name}/infer", api.infer, methods=post)
     router.add_api_route("/v2/models/{name}/versions/{version}/infer", api.infer, methods=post)
     router.add_api_route("/v2", api.server_metadata, methods=get)
@@ -142,8 +161,6 @@ def build_app(gateway: Gateway, settings: FrontendSettings) -> FastAPI:
 
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, http_error)
-    if settings.auth_tokens:
-        app.add_middleware(BearerAuth, tokens=settings.auth_tokens, health_open=settings.auth_health_open)
     return app
 
 
@@ -193,34 +210,22 @@ class _RestApi:
         self._models: dict[str, ModelDocuments] = {}
         self._server_metadata = dumps(server_metadata())
         self.who = f"frontend rest#{settings.instance}"
-        self._observer = current_observer("rest", gateway.model_names())
+        observer = current_observer("rest", gateway.model_names())
+        self.endpoint = InferEndpoint(gateway, settings.max_message_bytes, observer, self.who)
         self._exposition = current_exposition()
 
     def engine_error(self, request: Request, exc: EngineError) -> Response:
         """The response for an error of the engine's tree (logged when it is the server's fault)."""
-        # Client errors and overload answers (429/503/504) can come by the thousand: debug only.
-        if isinstance(exc, InternalError):
-            logger.error("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
-        elif isinstance(exc, ModelError):
-            logger.warning("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
-        else:
-            logger.debug("%s: %s %s: %s", self.who, request.method, request.url.path, exc.message)
-        # No "Connection: close" after a 413: uvicorn reads and drops the rest of the body, and
-        # closing with unread data would reset the connection before the client reads the answer.
-        headers = {"Retry-After": "1"} if isinstance(exc, ResourceExhausted) else None
-        return error_response(exc.http_status, exc.public_message(), headers)
+        return _response(engine_error_reply(self.who, request.method, request.url.path, exc))
 
     def _documents(self, request: Request) -> ModelDocuments:
         """The named model's cached documents; NotFound for an unknown model or version."""
         params = request.path_params
         name = params["name"]
-        spec = self._gateway.model_spec(name)
+        spec = model_spec(self._gateway, name, params.get("version"))
         docs = self._models.get(name)
         if docs is None or docs.spec is not spec:
             docs = self._models[name] = ModelDocuments(spec)
-        version = params.get("version")
-        if version is not None and version != spec.version:
-            raise NotFound(f"model {name!r} has no version {version!r}; versions: {spec.version}")
         return docs
 
     async def server_metadata(self) -> Response:
@@ -287,81 +292,28 @@ class _RestApi:
         return Response(dumps(self._exposition.status()), media_type=_JSON)
 
     async def infer(self, request: Request) -> Response:
-        """Run one inference: JSON tensors and/or binary tensors in, the same out."""
-        model = request.path_params["name"]
-        started = self._observer.begin(model)
-        try:
-            response = await self._infer(request)
-        except ClientDisconnect:
-            self._observer.end(model, started, Cancelled("client disconnected"))
-            raise
-        except BaseException as exc:
-            self._observer.end(model, started, exc)
-            raise
-        self._observer.end(model, started)
-        return response
+        """Run one inference: JSON tensors and/or binary tensors in, the same out.
 
-    async def _infer(self, request: Request) -> Response:
-        arrived_ns = time.monotonic_ns()
-        spec = self._documents(request).spec
-        headers = request.headers
-        body = await self._read_body(request)
-        parsed = parse_infer_request(body, parse_header_length(headers.get(HEADER_LENGTH), len(body)))
-        if parsed.id:
-            request_id.set(parsed.id)
-        deadline_ns = _deadline(arrived_ns, headers.get("timeout-ms"), parsed.timeout_us)
-        result = await self._gateway.infer(
-            spec.name, parsed.inputs, outputs=parsed.outputs, deadline_ns=deadline_ns, request_id=parsed.id
+        Only reached for paths FastAPI matches and `servers.rest_fastpath.match_infer_path` does
+        not; the answer is the fast path's.
+        """
+        params = request.path_params
+        reply = await self.endpoint.respond(
+            params["name"], params.get("version"), request.scope["headers"], request.receive, request.url.path
         )
-        try:
-            content, header_length = encode_infer_response(
-                spec.name, spec.version, parsed, result.outputs, self._max_bytes
-            )
-        finally:
-            result.release()
-        if header_length is None:
-            return Response(content, media_type=_JSON)
-        return Response(content, media_type=_OCTETS, headers={HEADER_LENGTH: str(header_length)})
+        return _response(reply)
 
     async def _read_body(self, request: Request) -> bytes:
         """The request body, refused (413) as soon as it is known to exceed ``max_message_bytes``."""
-        limit = self._max_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise InvalidArgument(f"bad Content-Length {declared!r}")
-            if int(declared) > limit:
-                raise PayloadTooLarge(_too_large(int(declared), limit))
-            return await request.body()
-        # Chunked: count while reading so an endless body cannot grow memory.
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(_too_large(size, limit))
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await read_body(request.receive, request.headers.get("content-length"), self._max_bytes)
 
 
-def _too_large(size: int, limit: int) -> str:
-    return f"request body of {size}+ bytes is over max_message_bytes={limit}"
-
-
-def _deadline(arrived_ns: int, timeout_ms: str | None, timeout_us: int | None) -> int | None:
-    """Absolute deadline (``time.monotonic_ns()``) from the ``Timeout-Ms`` header and the request's
-    ``timeout`` parameter (microseconds, as tritonclient sends it); the earlier one wins, 0 = none."""
-    deadline: int | None = None
-    if timeout_ms is not None:
-        text = timeout_ms.strip()
-        if not text.isdigit() or not text.isascii():
-            raise InvalidArgument(f"Timeout-Ms must be a non-negative integer, got {timeout_ms!r}")
-        if int(text):
-            deadline = arrived_ns + int(text) * 1_000_000
-    if timeout_us:
-        by_param = arrived_ns + timeout_us * 1_000
-        deadline = by_param if deadline is None else min(deadline, by_param)
-    return deadline
+def _response(reply: Reply) -> Response:
+    """A Starlette response sending exactly the reply's status, raw headers and body."""
+    status, headers, body = reply
+    response = Response(body, status)
+    response.raw_headers = headers
+    return response
 
 
 class _UvicornServer(uvicorn.Server):

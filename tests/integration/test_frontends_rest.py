@@ -229,6 +229,45 @@ def test_body_over_the_size_limit(engine_server: ServerProcess) -> None:
     np.testing.assert_array_equal(decode_response(headers, answer)["OUTPUT0"], small["INPUT0"])
 
 
+# ---- infer paths (the fast path in front of FastAPI) ---------------------------------------------------
+
+
+def test_infer_versioned_and_encoded_paths(engine_server: ServerProcess, rng: np.random.Generator) -> None:
+    inputs = sample_inputs("mlp", 2, rng)
+    want = reference_outputs("mlp", inputs)
+    version = builtin_specs()["mlp"].version
+    body, headers = binary_body(inputs)
+    for path in (f"/v2/models/mlp/versions/{version}/infer", "/v2/models/ml%70/infer"):
+        status, answer_headers, answer = request(engine_server, "POST", path, body, headers)
+        assert status == 200, (path, answer)
+        assert_outputs("mlp", decode_response(answer_headers, answer), want)
+    status, _, answer = request(
+        engine_server, "POST", f"/v2/models/mlp/versions/{version}0/infer", body, headers
+    )
+    assert status == 404, answer
+    assert f"has no version '{version}0'" in error_of(answer)
+    for method in ("PUT", "GET"):
+        status, answer_headers, answer = request(engine_server, method, "/v2/models/mlp/infer")
+        assert (status, answer_headers["allow"]) == (405, "POST"), answer
+        error_of(answer)
+
+
+def test_chunked_binary_body(engine_server: ServerProcess, rng: np.random.Generator) -> None:
+    inputs = sample_inputs("mlp", 3, rng)
+    body, headers = binary_body(inputs)
+    conn = http.client.HTTPConnection(engine_server.host, engine_server.ports["rest"], timeout=TIMEOUT_S)
+    try:
+        pieces = [body[i : i + 1000] for i in range(0, len(body), 1000)]
+        conn.request("POST", "/v2/models/mlp/infer", body=iter(pieces), headers=headers, encode_chunked=True)
+        response = conn.getresponse()
+        answer = response.read()
+        assert response.status == 200, answer
+        outputs = decode_response({k.lower(): v for k, v in response.getheaders()}, answer)
+    finally:
+        conn.close()
+    assert_outputs("mlp", outputs, reference_outputs("mlp", inputs))
+
+
 # ---- concurrency ---------------------------------------------------------------------------------------
 
 

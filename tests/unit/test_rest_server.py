@@ -10,6 +10,9 @@ import asyncio
 import contextlib
 import gc
 import http.client
+import logging
+import re
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,12 +22,16 @@ import orjson
 import pytest
 import tritonclient.http as triton
 import uvloop
+from starlette.requests import ClientDisconnect
 from tritonclient.utils import InferenceServerException
 
-from engine.errors import InternalError, ResourceExhausted, Unavailable
+from engine.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
+from servers import observer as observer_module
 from servers.gateway_api import FrontendSettings, InferInput
+from servers.observer import RequestObserver
+from servers.rest_fastpath import PayloadTooLarge, deadline, match_infer_path, read_body
 from servers.rest_server import serve
-from tests.fakes import FakeGateway, FakeResult
+from tests.fakes import SPECS, FakeGateway, FakeResult
 
 WAIT_S = 10.0
 A = np.arange(16, dtype=np.int32).reshape(1, 16)
@@ -674,3 +681,326 @@ def test_infer_input_types_reach_gateway(server: RestServer, gateway: ScriptedGa
     assert isinstance(inputs[0].data, memoryview)
     assert isinstance(inputs[1].data, np.ndarray)
     assert inputs[1].data.dtype == np.int32
+
+
+# ---- the /infer fast path (servers.rest_fastpath) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("/v2/models/simple/infer", ("simple", None)),
+        ("/v2/models/simple/versions/1/infer", ("simple", "1")),
+        ("/v2/models/si mple/infer", ("si mple", None)),
+        ("/v2/models/stats/infer", ("stats", None)),
+        ("/v2/models/versions/infer", ("versions", None)),
+        ("/v2/models/infer", None),
+        ("/v2/models//infer", None),
+        ("/v2/models/a/b/infer", None),
+        ("/v2/models/simple/versions//infer", None),
+        ("/v2/models//versions/1/infer", None),
+        ("/v2/models/x/versions/infer", None),
+        ("/v2/models/x/version/1/infer", None),
+        ("/v2/models/x/versions/1/2/infer", None),
+        ("/v2/models/simple/infer/", None),
+        ("/v2/models/simple/infer\n", None),
+        ("//v2/models/simple/infer", None),
+        ("/v2/models/simple", None),
+        ("/v2/health/live", None),
+    ],
+)
+def test_match_infer_path(path: str, expected: tuple[str, str | None] | None) -> None:
+    assert match_infer_path(path) == expected
+
+
+def _receiver(*messages: dict[str, Any]) -> Any:
+    """An ASGI ``receive`` that hands out ``messages`` in order and counts the calls."""
+    pending = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        receive.calls += 1  # type: ignore[attr-defined]
+        return pending.pop(0)
+
+    receive.calls = 0  # type: ignore[attr-defined]
+    return receive
+
+
+def _chunk(body: bytes, more: bool = False) -> dict[str, Any]:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+def test_read_body_joins_chunks_and_keeps_a_single_chunk_uncopied() -> None:
+    one = b"x" * 100
+    assert asyncio.run(read_body(_receiver(_chunk(one)), "100", 100)) is one
+    chunks = _receiver(_chunk(b"ab", True), _chunk(b"", True), _chunk(b"cd", True), _chunk(b""))
+    assert asyncio.run(read_body(chunks, None, 4)) == b"abcd"
+    assert asyncio.run(read_body(_receiver(_chunk(b"")), "0", 0)) == b""
+
+
+def test_read_body_limits() -> None:
+    declared = _receiver(_chunk(b"x" * 11))
+    with pytest.raises(PayloadTooLarge, match=r"11\+ bytes is over max_message_bytes=10") as info:
+        asyncio.run(read_body(declared, "11", 10))
+    assert info.value.http_status == 413
+    assert declared.calls == 0  # refused before reading
+    chunked = _receiver(_chunk(b"x" * 6, True), _chunk(b"x" * 6, True), _chunk(b"x" * 6))
+    with pytest.raises(PayloadTooLarge, match=r"12\+ bytes"):
+        asyncio.run(read_body(chunked, None, 10))
+    assert chunked.calls == 2  # stops reading once over
+    with pytest.raises(InvalidArgument, match="bad Content-Length"):
+        asyncio.run(read_body(_receiver(_chunk(b"")), "12x", 10))
+
+
+def test_read_body_client_disconnect() -> None:
+    gone = _receiver(_chunk(b"ab", True), {"type": "http.disconnect"})
+    with pytest.raises(ClientDisconnect):
+        asyncio.run(read_body(gone, "10", 100))
+
+
+def test_deadline_earlier_of_header_and_parameter() -> None:
+    assert deadline(1_000, None, None) is None
+    assert deadline(1_000, "0", None) is None
+    assert deadline(1_000, " 5 ", None) == 1_000 + 5_000_000
+    assert deadline(1_000, None, 7) == 1_000 + 7_000
+    assert deadline(1_000, "5", 7) == 1_000 + 7_000
+    assert deadline(1_000, "1", 7_000_000) == 1_000 + 1_000_000
+    for bad in ("soon", "-1", "1.5", "\u0661"):  # an Arabic-Indic one: a digit, not ASCII
+        with pytest.raises(InvalidArgument, match="Timeout-Ms"):
+            deadline(0, bad, None)
+
+
+#: (method, path, status, part of the error message or None): what the server answered before the fast
+#: path existed (FastAPI routing on the percent-decoded path), and must still answer.
+INFER_PATHS: list[tuple[str, str, int, str | None]] = [
+    ("POST", "/v2/models/simple/versions/1/infer", 200, None),
+    ("POST", "/v2/models/sim%70le/infer", 200, None),
+    ("POST", "/v2/models/sim%70le/versions/%31/infer", 200, None),
+    ("POST", "/v2/models/simple/infer?x=1", 200, None),
+    ("POST", "/v2/models/simple/infer%0A", 200, None),  # FastAPI's "$" matches before a final newline
+    ("POST", "/v2/models/simple/versions/2/infer", 404, "model 'simple' has no version '2'; versions: 1"),
+    ("POST", "/v2/models/nope/versions/1/infer", 404, "unknown model 'nope'"),
+    ("POST", "/v2/models/si%20mple/infer", 404, "unknown model 'si mple'"),
+    ("POST", "/v2/models/stats/infer", 404, "unknown model 'stats'"),
+    ("POST", "/v2/models/a%2Fb/infer", 404, "Not Found"),
+    ("POST", "/v2/models//infer", 404, "Not Found"),
+    ("POST", "/v2/models/simple/versions//infer", 404, "Not Found"),
+    ("POST", "//v2/models/simple/infer", 404, "Not Found"),
+    ("POST", "/v2/models/infer", 405, "Method Not Allowed"),
+    ("POST", "/v2/models/x/versions/infer", 405, "Method Not Allowed"),
+    ("PUT", "/v2/models/simple/infer", 405, "Method Not Allowed"),
+    ("DELETE", "/v2/models/simple/versions/1/infer", 405, "Method Not Allowed"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "message"), INFER_PATHS)
+def test_infer_paths_answer_as_before(
+    server: RestServer, method: str, path: str, status: int, message: str | None
+) -> None:
+    got, headers, body = server.request(method, path, _simple_json())
+    assert got == status, body
+    assert headers["content-type"] == "application/json"
+    if message is None:
+        assert orjson.loads(body)["outputs"][0]["data"] == (A + B).ravel().tolist()
+    else:
+        assert message in _error(body)
+    if status == 405:
+        assert headers["Allow"] in ("POST", "GET")
+
+
+def test_infer_trailing_slash_redirects_as_before(server: RestServer) -> None:
+    for path in ("/v2/models/simple/infer/", "/v2/models/simple/versions/1/infer/"):
+        status, headers, body = server.request("POST", path, _simple_json())
+        assert (status, body) == (307, b"")
+        assert headers["location"] == f"http://127.0.0.1:{server.port}{path[:-1]}"
+
+
+def test_infer_response_headers_are_exact(server: RestServer, gateway: ScriptedGateway) -> None:
+    """The fast path sends the headers Starlette's Response sent, in its order (uvicorn adds date)."""
+
+    def names(headers: http.client.HTTPMessage) -> list[str]:
+        return [name.lower() for name in headers.keys()]  # noqa: SIM118 (an HTTPMessage keeps duplicates)
+
+    status, headers, body = server.request("POST", "/v2/models/simple/infer", _simple_json())
+    assert status == 200
+    assert names(headers) == ["date", "content-length", "content-type"]
+    assert headers["content-length"] == str(len(body))
+    assert headers["content-type"] == "application/json"
+
+    status, headers, body = server.request(
+        "POST", "/v2/models/simple/infer", _simple_json(parameters={"binary_data_output": True})
+    )
+    assert status == 200
+    assert names(headers) == ["date", "inference-header-content-length", "content-length", "content-type"]
+    assert headers["content-length"] == str(len(body))
+    assert headers["content-type"] == "application/octet-stream"
+    length = int(headers["Inference-Header-Content-Length"])
+    assert [o["parameters"]["binary_data_size"] for o in orjson.loads(body[:length])["outputs"]] == [64, 64]
+    assert len(body) == length + 128
+
+    status, headers, body = server.request("POST", "/v2/models/simple/infer", b"{")
+    assert status == 400
+    assert names(headers) == ["date", "content-length", "content-type"]
+    assert headers["content-length"] == str(len(body))
+
+    gateway.raise_next = ResourceExhausted("full")
+    status, headers, body = server.request("POST", "/v2/models/simple/infer", _simple_json())
+    assert (status, _error(body)) == (429, "full")
+    assert names(headers) == ["date", "retry-after", "content-length", "content-type"]
+
+
+def test_chunked_bodies() -> None:
+    with RestServer(ScriptedGateway(), FrontendSettings(max_message_bytes=4096)) as small:
+        conn = http.client.HTTPConnection("127.0.0.1", small.port, timeout=WAIT_S)
+        try:
+            body = _simple_json()
+            pieces = [body[i : i + 100] for i in range(0, len(body), 100)]
+            for path in ("/v2/models/simple/infer", "/v2/models/simple/versions/1/infer"):
+                conn.request("POST", path, body=iter(pieces), encode_chunked=True)
+                response = conn.getresponse()
+                answer = response.read()
+                assert response.status == 200, answer
+                assert orjson.loads(answer)["outputs"][1]["data"] == (A - B).ravel().tolist()
+            # over the limit on the versioned path: 413, and the connection still serves
+            conn.request(
+                "POST",
+                "/v2/models/simple/versions/1/infer",
+                body=iter([b" " * 3000] * 3),
+                encode_chunked=True,
+            )
+            response = conn.getresponse()
+            assert response.status == 413
+            # counted as the chunks arrive (uvicorn may hand over several at once)
+            assert re.fullmatch(
+                r"request body of [69]000\+ bytes is over max_message_bytes=4096", _error(response.read())
+            )
+            assert small.request("POST", "/v2/models/simple/infer", _simple_json(), conn=conn)[0] == 200
+        finally:
+            conn.close()
+
+
+def test_auth_guards_every_infer_path() -> None:
+    settings = FrontendSettings(auth_tokens=("s3cret",))
+    with RestServer(ScriptedGateway(), settings) as guarded:
+        ok = {"Authorization": "Bearer s3cret"}
+        for path in (
+            "/v2/models/simple/infer",
+            "/v2/models/simple/versions/1/infer",
+            "/v2/models/nope/infer",
+        ):
+            status, headers, body = guarded.request("POST", path, _simple_json())
+            assert status == 401
+            assert headers["WWW-Authenticate"] == "Bearer"
+            assert "bearer token" in _error(body)
+            assert guarded.request("POST", path, b"{", {"Authorization": "Bearer wrong"})[0] == 401
+        assert guarded.request("POST", "/v2/models/simple/versions/1/infer", _simple_json(), ok)[0] == 200
+        assert guarded.request("POST", "/v2/models/nope/infer", _simple_json(), ok)[0] == 404
+        assert guarded.request("GET", "/v2/models/simple/infer", None, ok)[0] == 405
+        assert guarded.gateway.calls["simple"] == 1
+
+
+class RecordingMetrics:
+    """Stands in for `engine.metrics.RequestMetrics`: keeps every answered request's (model, code)."""
+
+    def __init__(self) -> None:
+        self.begun: list[str] = []
+        self.ended: list[tuple[str, str]] = []
+        self.changed = threading.Condition()
+
+    def begin(self, model: str) -> None:
+        self.begun.append(model)
+
+    def end(self, model: str, code: str, seconds: float) -> None:
+        with self.changed:
+            self.ended.append((model, code))
+            self.changed.notify_all()
+
+    def record(self, model: str, code: str) -> None:
+        raise AssertionError("the REST front-end announces every request with begin")
+
+    def flush(self) -> None:
+        pass
+
+    def wait_for(self, count: int) -> list[tuple[str, str]]:
+        with self.changed:
+            assert self.changed.wait_for(lambda: len(self.ended) >= count, WAIT_S), self.ended
+            return list(self.ended)
+
+
+@pytest.fixture
+def recorded(monkeypatch: pytest.MonkeyPatch) -> RecordingMetrics:
+    """This process's REST observer, counting into a `RecordingMetrics` (for servers started after)."""
+    metrics = RecordingMetrics()
+    observer = RequestObserver("rest", SPECS, metrics)  # type: ignore[arg-type]
+    monkeypatch.setattr(observer_module, "_observer", observer)
+    return metrics
+
+
+def test_observer_counts_every_answer(recorded: RecordingMetrics) -> None:
+    gateway = ScriptedGateway()
+    with RestServer(gateway, FrontendSettings(max_message_bytes=4096)) as running:
+        assert running.request("POST", "/v2/models/simple/infer", _simple_json())[0] == 200
+        assert running.request("POST", "/v2/models/simple/versions/1/infer", b"[]")[0] == 400
+        assert running.request("POST", "/v2/models/simple/versions/9/infer", _simple_json())[0] == 404
+        assert running.request("POST", "/v2/models/nope/infer", _simple_json())[0] == 404
+        assert running.request("POST", "/v2/models/identity/infer", b" " * 5000)[0] == 413
+        gateway.raise_next = RuntimeError("a bug")
+        assert running.request("POST", "/v2/models/simple/infer", _simple_json())[0] == 500
+        assert running.request("POST", "/v2/models/simple/infer%0A", _simple_json())[0] == 200  # via FastAPI
+        assert running.request("GET", "/v2/models/simple", None)[0] == 200  # not an inference
+    assert recorded.wait_for(7) == [
+        ("simple", "OK"),
+        ("simple", "INVALID_ARGUMENT"),
+        ("simple", "NOT_FOUND"),
+        ("_unknown_", "NOT_FOUND"),
+        ("identity", "INVALID_ARGUMENT"),
+        ("simple", "INTERNAL"),
+        ("simple", "OK"),
+    ]
+    assert recorded.begun == ["simple", "simple", "simple", "_unknown_", "identity", "simple", "simple"]
+
+
+def test_client_disconnect_mid_body_is_cancelled(recorded: RecordingMetrics) -> None:
+    with RestServer(ScriptedGateway()) as running:
+        head = b"POST /v2/models/simple/infer HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", running.port), timeout=WAIT_S) as sock:
+            sock.sendall(head + b'{"inputs": [')
+            with recorded.changed:  # the request has begun before the client goes away
+                assert recorded.changed.wait_for(lambda: bool(recorded.begun), WAIT_S)
+        assert recorded.wait_for(1) == [("simple", "CANCELLED")]
+        assert running.request("POST", "/v2/models/simple/infer", _simple_json())[0] == 200
+    assert recorded.wait_for(2)[1] == ("simple", "OK")
+    assert running.gateway.calls["simple"] == 1
+
+
+def test_server_faults_are_logged(
+    server: RestServer, gateway: ScriptedGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    fail = _infer_body([{**_ROW, "datatype": "FP32"}])
+    with caplog.at_level(logging.DEBUG, logger="servers.rest_server"):
+        gateway.raise_next = RuntimeError("a bug")
+        assert server.request("POST", "/v2/models/simple/versions/1/infer", _simple_json())[0] == 500
+        gateway.raise_next = InternalError("segment offset 99 out of range")
+        assert server.request("POST", "/v2/models/simple/infer", _simple_json())[0] == 500
+        assert server.request("POST", "/v2/models/fail/infer", fail)[0] == 500
+        assert server.request("POST", "/v2/models/simple/infer", b"{")[0] == 400
+    records = [
+        (r.levelno, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "servers.rest_server"
+    ]
+    assert len(records) == 4, records
+    level, message, exc_info = records[0]
+    assert (level, message) == (
+        logging.ERROR,
+        "frontend rest#0: POST /v2/models/simple/versions/1/infer failed",
+    )
+    assert exc_info is not None and isinstance(exc_info[1], RuntimeError)  # with its traceback
+    level, message, _ = records[1]
+    assert (level, message) == (
+        logging.ERROR,
+        "frontend rest#0: POST /v2/models/simple/infer: segment offset 99 out of range",
+    )
+    level, message, _ = records[2]
+    assert level == logging.WARNING
+    assert message.startswith("frontend rest#0: POST /v2/models/fail/infer: ") and "always fails" in message
+    level, message, _ = records[3]
+    assert level == logging.DEBUG
+    assert message.startswith("frontend rest#0: POST /v2/models/simple/infer: malformed JSON")
