@@ -91,6 +91,17 @@ cdef class WakeWord:
             eng_futex_wait(self.seq, s, tmo)
         eng_store_release_u32(self.waiters, 0)
 
+    def doze(self, double timeout_s):
+        """Sleep up to ``timeout_s`` without announcing a waiter: producers' `notify()` does not wake
+        the sleeper (and costs them no syscall), only `wake()` does. For a consumer that already
+        holds work it chose to delay (a batch waiting for companions): arrivals join at the timeout."""
+        cdef uint32_t s = eng_load_acquire_u32(self.seq)
+        cdef int64_t tmo = <int64_t> (timeout_s * 1e9) if timeout_s > 0 else 0
+        if tmo <= 0:
+            return
+        with nogil:
+            eng_futex_wait(self.seq, s, tmo)
+
 
 def wait_rings(WakeWord word, rings, double spin_s, double timeout_s):
     """Wait until any of ``rings`` is non-empty: spin for ``spin_s``, then sleep on ``word``.

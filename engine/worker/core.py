@@ -62,6 +62,8 @@ log = logging.getLogger("engine.worker")
 #: arrive at least this many batch computations apart. Measured on 2 cores, mlp: a closed loop of one
 #: client arrives ~2.5-3.5 computations apart, 64 clients under 1.
 SPARSE_COMPUTE_RATIO = 2.0
+#: Longest a worker holding a batch that waits for companions sleeps without taking new arrivals.
+DOZE_MAX_S = 0.002
 
 #: computes one batch: (spec, model index, inputs[j][i], rows) -> outputs
 RunBatch = Callable[[ModelSpec, int, Sequence[Sequence[np.ndarray]], int], list[np.ndarray]]
@@ -233,7 +235,14 @@ class WorkerCore:
         if wake_at is not None:
             wait = max(0.0, min(wait, (wake_at - self.clock()) / 1e9))
         if wait > 0:
-            wait_rings(self.word, [p.request for p in self._active], self.spin_s, wait)
+            if wake_at is not None and self._queued_total() and self._nothing_on_the_way():
+                # A batch is waiting for companions and every admitted request is here: new
+                # arrivals can join it when the wait ends, so doze deaf to them instead of waking
+                # (and making each front-end pay a futex wake) per arrival. Capped, so other
+                # models' requests, cancels and releases wait no longer than this for their turn.
+                self.word.doze(min(wait, DOZE_MAX_S))
+            else:
+                wait_rings(self.word, [p.request for p in self._active], self.spin_s, wait)
         taken = 0
         for peer in self._active:
             taken += self._drain(peer)
@@ -400,7 +409,7 @@ class WorkerCore:
                 batch = batcher.next_batch(now)
                 if (
                     batch is None
-                    and self._sparse(m, batcher.max_queue_delay_ns)
+                    and self._sparse(m, batcher)
                     and self._inflight_total() <= self._queued_total()
                 ):
                     # sparse traffic, and every admitted request is already here: nobody is coming
@@ -479,13 +488,26 @@ class WorkerCore:
         self._stat(m, f"batch_ns_le_{_bucket(rows)}", end - start)
         self.observer.batch(m, live, start, end)
 
-    def _sparse(self, m: int, delay_ns: int) -> bool:
+    def _sparse(self, m: int, batcher: Batcher[Pending]) -> bool:
         """Whether requests of model ``m`` arrive too far apart for waiting to pay: further apart than
         the batching delay, or more than two batch computations apart (the device would idle most of
         the wait). The second test keeps a long delay from holding back a closed loop of one client,
-        while dense traffic, whose arrivals come faster than batches compute, still waits and batches."""
+        while dense traffic, whose arrivals come faster than batches compute, still waits and batches.
+        A model that names preferred batch sizes asked for those: it gets only the delay test."""
         gap = self._gap_ns[m]
-        return gap > delay_ns or gap >= SPARSE_COMPUTE_RATIO * self._compute_ns[m]
+        if gap > batcher.max_queue_delay_ns:
+            return True
+        return not batcher.preferred_batch_sizes and gap >= SPARSE_COMPUTE_RATIO * self._compute_ns[m]
+
+    def _nothing_on_the_way(self) -> bool:
+        """No request ring holds anything, and every request the front-ends admitted is queued here
+        or answered (its answer still in a response ring or backlog)."""
+        answered = 0
+        for peer in self._active:
+            if not peer.request.is_empty():
+                return False
+            answered += len(peer.response) + len(peer.backlog)
+        return self._inflight_total() <= self._queued_total() + answered
 
     def _inflight_total(self) -> int:
         """Requests the front-ends have admitted and not yet seen answered (all models)."""

@@ -112,6 +112,39 @@ def test_wake_interrupts_a_plain_wait(seg: Segment) -> None:
             waiter.join(30)
 
 
+def test_doze_is_deaf_to_notify_and_woken_by_wake(seg: Segment) -> None:
+    word = WakeWord(seg, 0)
+    seq_before = seg.load_u32(0)
+    done = threading.Event()
+
+    def doze() -> None:
+        word.doze(3600.0)
+        done.set()
+
+    dozer = threading.Thread(target=doze)
+    dozer.start()
+    try:
+        assert not word.sleeping  # a dozer does not announce itself ...
+        word.notify()  # ... so a producer's notify costs nothing and changes nothing
+        assert seg.load_u32(0) == seq_before
+        assert not done.wait(0.05)
+        word.wake()  # control wake-ups (shutdown) still reach it
+        dozer.join(30)
+        assert not dozer.is_alive(), "wake() did not end the doze"
+    finally:
+        if dozer.is_alive():
+            word.wake()
+            dozer.join(30)
+
+
+def test_doze_times_out(seg: Segment) -> None:
+    word = WakeWord(seg, 0)
+    word.doze(0.01)
+    word.doze(0.0)  # no wait at all
+    word.doze(-1.0)
+    assert not word.sleeping
+
+
 def test_wait_rings_argument_checks(seg: Segment) -> None:
     word = WakeWord(seg, 0)
     with pytest.raises(TypeError):
