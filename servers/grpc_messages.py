@@ -3,18 +3,23 @@
 Pure functions used by `servers.grpc_server`: request inputs to `InferInput`, typed tensor contents to
 numpy, model specs to metadata and config responses, gateway statistics to `ModelStatistics`. The
 per-model responses are built once per `ModelSpec` and cached by `ModelCache`.
+
+`encode_infer_response` writes a ModelInferResponse's wire bytes directly (the bytes protobuf's own
+serializer writes for the same message): the fields that repeat for every answer of a model are
+encoded once per `ModelEntry`, and each output goes from shared memory straight into the answer,
+without the ``tobytes()`` copy and the second copy of serializing a message holding it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from engine.dtypes import numpy_dtype
+from engine.dtypes import kserve_name, numpy_dtype
 from engine.errors import InvalidArgument, NotFound
 from engine.models.spec import ModelSpec
 from protos import grpc_service_pb2 as pb
@@ -90,7 +95,8 @@ def request_inputs(request: pb.ModelInferRequest) -> list[InferInput]:
             raise InvalidArgument(
                 f"{len(raw)} raw_input_contents for {len(tensors)} inputs; give one per input, in order"
             )
-        return [InferInput(t.name, t.datatype, tuple(t.shape), raw[i]) for i, t in enumerate(tensors)]
+        # shape[:] is a list built in C: tuple() of it costs half of tuple() over the repeated field
+        return [InferInput(t.name, t.datatype, tuple(t.shape[:]), raw[i]) for i, t in enumerate(tensors)]
     return [InferInput(t.name, t.datatype, tuple(t.shape), typed_contents(t)) for t in tensors]
 
 
@@ -169,9 +175,9 @@ def statistics_message(stats: Mapping[str, Any]) -> pb.ModelStatistics:
         ),
     )
     # Input and output copies are not timed by every gateway: report them only when they are.
-    for key, field in (("compute_input_ns", "compute_input"), ("compute_output_ns", "compute_output")):
+    for key, attr in (("compute_input_ns", "compute_input"), ("compute_output_ns", "compute_output")):
         if key in stats:
-            getattr(message.inference_stats, field).CopyFrom(_duration(success, stats[key]))
+            getattr(message.inference_stats, attr).CopyFrom(_duration(success, stats[key]))
     for size, entry in sorted((stats.get("batch_stats") or {}).items(), key=lambda kv: int(kv[0])):
         if isinstance(entry, Mapping):
             count, ns = entry.get("count", 0), entry.get("compute_ns", entry.get("ns", 0))
@@ -209,6 +215,10 @@ class ModelEntry:
     config: pb.ModelConfigResponse
     #: output name -> KServe datatype, so responses need no dtype lookup per output
     output_types: Mapping[str, str]
+    #: the wire bytes of ModelInferResponse.model_name and .model_version, the same in every answer
+    response_head: bytes = b""
+    #: (declared output name, shape) -> the wire bytes of that ``outputs`` entry; at most `TENSOR_FIELDS_MAX`
+    tensor_fields: dict[tuple[str, tuple[int, ...]], bytes] = field(default_factory=dict)
 
 
 class ModelCache:
@@ -228,8 +238,113 @@ class ModelCache:
                 metadata=metadata_response(spec),
                 config=config_response(spec),
                 output_types={t.name: t.datatype for t in spec.outputs},
+                response_head=_string_field(_MODEL_NAME, name) + _string_field(_MODEL_VERSION, spec.version),
             )
             self._entries[name] = entry
         if version and version != spec.version:
             raise NotFound(f"model {name!r} has no version {version!r}; versions: {spec.version}")
         return entry
+
+
+# --- ModelInferResponse wire bytes -----------------------------------------------------------------
+# Protobuf's encoding (https://protobuf.dev/programming-guides/encoding/): each field is its tag
+# (field number << 3 | wire type) then, for strings, bytes, messages and packed repeated scalars
+# (wire type 2), a varint length and the payload; fields in field-number order, proto3 fields that
+# hold their default (empty string, empty list) left out. That is the order and the omissions of
+# protobuf's serializer, so these bytes are the ones SerializeToString writes (tested field by field).
+
+#: `ModelEntry.tensor_fields` stops growing here: shapes come from clients, memory must not.
+TENSOR_FIELDS_MAX = 1024
+
+
+def _tag(message: Any, name: str) -> bytes:
+    """The one-byte tag of a length-delimited field (every field this encoder writes is one)."""
+    number = message.DESCRIPTOR.fields_by_name[name].number
+    if not 0 < number < 16:
+        raise RuntimeError(f"{message.DESCRIPTOR.full_name}.{name}: field number {number} needs a longer tag")
+    return bytes(((number << 3) | 2,))
+
+
+_MODEL_NAME = _tag(pb.ModelInferResponse, "model_name")
+_MODEL_VERSION = _tag(pb.ModelInferResponse, "model_version")
+_ID = _tag(pb.ModelInferResponse, "id")
+_OUTPUTS = _tag(pb.ModelInferResponse, "outputs")
+_RAW_OUTPUT = _tag(pb.ModelInferResponse, "raw_output_contents")
+_TENSOR_NAME = _tag(pb.ModelInferResponse.InferOutputTensor, "name")
+_TENSOR_DATATYPE = _tag(pb.ModelInferResponse.InferOutputTensor, "datatype")
+_TENSOR_SHAPE = _tag(pb.ModelInferResponse.InferOutputTensor, "shape")
+_STREAM_INFER_RESPONSE = _tag(pb.ModelStreamInferResponse, "infer_response")
+_ONE_BYTE = tuple(bytes((n,)) for n in range(0x80))
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative int."""
+    if n < 0x80:
+        return _ONE_BYTE[n]
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _string_field(tag: bytes, value: str) -> bytes:
+    if not value:
+        return b""
+    data = value.encode()
+    return tag + _varint(len(data)) + data
+
+
+def _tensor_field(entry: ModelEntry, name: str, array: np.ndarray) -> bytes:
+    """The ``outputs`` entry of an output: name, datatype, shape (packed int64)."""
+    shape = array.shape
+    declared = entry.output_types.get(name)
+    packed = b"".join(_varint(d) for d in shape)
+    body = _string_field(_TENSOR_NAME, name) + _string_field(
+        _TENSOR_DATATYPE, declared or kserve_name(array.dtype)
+    )
+    if packed:
+        body += _TENSOR_SHAPE + _varint(len(packed)) + packed
+    encoded = _OUTPUTS + _varint(len(body)) + body
+    # an undeclared output's datatype follows its dtype, which the (name, shape) key does not hold
+    if declared and len(entry.tensor_fields) < TENSOR_FIELDS_MAX:
+        entry.tensor_fields[name, shape] = encoded
+    return encoded
+
+
+def encode_infer_response(
+    entry: ModelEntry, request_id: str, outputs: Mapping[str, np.ndarray], *, stream: bool = False
+) -> bytes:
+    """The wire bytes of the ModelInferResponse answering a request of ``entry``'s model.
+
+    The same bytes as ``pb.ModelInferResponse(model_name=..., model_version=entry.spec.version,
+    id=request_id)`` with one ``outputs`` entry (name, datatype, shape) and one ``raw_output_contents``
+    item per array, serialized. Each array is copied once, into the returned bytes, so arrays that
+    are views into shared memory may be released as soon as this returns.
+
+    Args:
+        entry: the model's entry (its name and version and cached output fields).
+        request_id: the request's ``id`` (echoed).
+        outputs: output name -> array, in the order of the response.
+        stream: wrap the response in a ModelStreamInferResponse (``infer_response``).
+    """
+    parts: list[Any] = [entry.response_head]
+    if request_id:
+        parts.append(_string_field(_ID, request_id))
+    tensors = entry.tensor_fields
+    contents: list[Any] = []
+    data_bytes = 0
+    for name, array in outputs.items():
+        tensor = tensors.get((name, array.shape))
+        parts.append(tensor if tensor is not None else _tensor_field(entry, name, array))
+        nbytes = array.nbytes
+        data_bytes += nbytes
+        contents.append(_RAW_OUTPUT + _varint(nbytes))
+        # joined as it is: a C-contiguous array's buffer holds exactly the bytes tobytes() would copy
+        contents.append(array if array.flags.c_contiguous else np.ascontiguousarray(array))
+    parts += contents
+    if stream:  # every part but the arrays is bytes
+        size = data_bytes + sum(len(p) for p in parts if type(p) is bytes)
+        parts[:0] = (_STREAM_INFER_RESPONSE, _varint(size))
+    return b"".join(parts)

@@ -6,9 +6,18 @@ production); `InferenceServicer` answers each RPC from a `servers.gateway_api.Ga
 Request path of ModelInfer: protobuf parses the request (grpc refuses one larger than
 ``max_message_bytes`` with RESOURCE_EXHAUSTED before we see it), the raw input bytes go to the gateway
 as they are (its copy into shared memory is the one copy), and each output is copied once out of
-shared memory into the response before the result is released. Engine errors map to their gRPC status
+shared memory into the response's wire bytes (`servers.grpc_messages.encode_infer_response`) before
+the result is released. Engine errors map to their gRPC status
 (`engine.errors.EngineError.grpc_code`); anything else is logged and answered INTERNAL "internal error".
-A request message that does not parse is answered INVALID_ARGUMENT (`MalformedRequests`).
+
+Registration (`generic_handlers`): every method of both services goes into generic handlers built
+from the generated method tables, not grpc's registered methods (with those, grpc.aio's accept loop
+waits on one pending call per method, ~24, for every RPC: ~15 us each time) and not through an
+interceptor (grpc.aio then runs an interceptor coroutine chain per RPC). A request message that does
+not parse is answered INVALID_ARGUMENT "malformed request message: ..." (left to grpc it is UNKNOWN
+plus a logged traceback, a log flood any client could cause): the deserializers are lenient
+(`_Malformed` instead of an exception) and the check is inline in ModelInfer and the stream reader,
+in a wrapper for the other unary methods. Only bearer-token authentication uses an interceptor.
 
 ModelStreamInfer reads requests in a loop and starts each as a task, so many are in flight on one
 stream; responses are written in completion order by one writer, each carrying its request's ``id``;
@@ -27,14 +36,20 @@ from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2_grpc
 
-from engine.dtypes import kserve_name
 from engine.errors import EngineError, InternalError, NotFound
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_health
 from servers.gateway_api import FrontendSettings, Gateway
-from servers.grpc_messages import ModelCache, index_response, request_inputs, statistics_message
+from servers.grpc_messages import (
+    ModelCache,
+    encode_infer_response,
+    index_response,
+    request_inputs,
+    statistics_message,
+)
 from servers.observer import current as current_observer
 
 log = logging.getLogger(__name__)
@@ -79,8 +94,37 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
     return time.monotonic_ns() + int(remaining * 1e9)
 
 
+class _Malformed:
+    """What a request message that protobuf cannot parse deserializes to (see `_lenient`)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """``deserializer``, answering `_Malformed` where it would raise DecodeError."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Malformed(str(exc))
+
+    return parse
+
+
+async def _refuse(context: grpc.aio.ServicerContext, request: _Malformed) -> NoReturn:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
+    raise AssertionError("context.abort returned")
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` answered from a gateway.
+
+    Register it with `generic_handlers` (ModelInfer and ModelStreamInfer answer wire bytes, and
+    check for `_Malformed` requests themselves).
 
     Args:
         gateway: where requests go and metadata comes from.
@@ -173,53 +217,50 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference -------------------------------------------------------------------------------
 
-    async def infer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> pb.ModelInferResponse:
-        """Run one request through the gateway and build its response; raises EngineError on failure."""
+    async def infer(
+        self, request: pb.ModelInferRequest, deadline_ns: int | None, *, stream: bool = False
+    ) -> bytes:
+        """Run one request through the gateway; returns its response's wire bytes (wrapped in a
+        ModelStreamInferResponse when ``stream``). Raises EngineError on failure."""
         name = request.model_name
-        started = self._observer.begin(name, request.id)
+        request_id = request.id
+        observer = self._observer
+        started = observer.begin(name, request_id)
         try:
-            response = await self._infer(request, deadline_ns)
+            entry = self._models.get(name, request.model_version)
+            inputs = request_inputs(request)
+            wanted = request.outputs
+            result = await self._gateway.infer(
+                name,
+                inputs,
+                outputs=[o.name for o in wanted] if wanted else None,
+                deadline_ns=deadline_ns,
+                request_id=request_id,
+            )
+            try:
+                response = encode_infer_response(entry, request_id, result.outputs, stream=stream)
+            finally:
+                result.release()
         except BaseException as exc:
-            self._observer.end(name, started, exc)
+            observer.end(name, started, exc)
             raise
-        self._observer.end(name, started)
-        return response
-
-    async def _infer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> pb.ModelInferResponse:
-        name = request.model_name
-        entry = self._models.get(name, request.model_version)
-        inputs = request_inputs(request)
-        outputs = [o.name for o in request.outputs] or None
-        result = await self._gateway.infer(
-            name, inputs, outputs=outputs, deadline_ns=deadline_ns, request_id=request.id
-        )
-        try:
-            response = pb.ModelInferResponse(model_name=name, model_version=entry.spec.version, id=request.id)
-            types = entry.output_types
-            tensors = response.outputs
-            raw = response.raw_output_contents
-            for out_name, array in result.outputs.items():
-                datatype = types.get(out_name) or kserve_name(array.dtype)
-                tensors.add(name=out_name, datatype=datatype, shape=array.shape)
-                raw.append(array.tobytes())  # the one copy out of shared memory
-        finally:
-            result.release()
+        observer.end(name, started)
         return response
 
     async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+        self, request: pb.ModelInferRequest | _Malformed, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        if isinstance(request, _Malformed):
+            await _refuse(context, request)
         try:
             return await self.infer(request, _deadline_ns(context))
         except Exception as exc:
             await self._fail(context, exc)
 
-    async def _stream_answer(
-        self, request: pb.ModelInferRequest, deadline_ns: int | None
-    ) -> pb.ModelStreamInferResponse:
-        """One stream request's response; never raises (errors become ``error_message``)."""
+    async def _stream_answer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> bytes:
+        """One stream request's response (wire bytes); never raises (errors become ``error_message``)."""
         try:
-            return pb.ModelStreamInferResponse(infer_response=await self.infer(request, deadline_ns))
+            return await self.infer(request, deadline_ns, stream=True)
         except EngineError as exc:
             if isinstance(exc, InternalError):
                 log.error("%s: %s", self._prefix, exc.message)
@@ -228,12 +269,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("%s: unexpected error in stream request %r", self._prefix, request.id)
             message = "internal error"
         echo = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=echo).SerializeToString()
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterable[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterable[pb.ModelInferRequest | _Malformed],
+        context: grpc.aio.ServicerContext,
     ) -> None:
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        done: asyncio.Queue[bytes | None] = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_MAX_IN_FLIGHT)
         tasks: set[asyncio.Task[None]] = set()
         reading = True
@@ -251,6 +294,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             nonlocal reading
             try:
                 async for request in request_iterator:
+                    if isinstance(request, _Malformed):
+                        await _refuse(context, request)
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     tasks.add(task)
@@ -328,88 +373,88 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class _Malformed:
-    """What a request message that protobuf cannot parse deserializes to (see `MalformedRequests`)."""
-
-    __slots__ = ("reason",)
-
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+#: Methods whose servicer method checks for `_Malformed` requests itself and answers wire bytes.
+_HOT_METHODS = frozenset({"ModelInfer", "ModelStreamInfer"})
 
 
-def _lenient(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return deserializer(data)
-        except DecodeError as exc:
-            return _Malformed(str(exc))
-
-    return parse
-
-
-async def _refuse(context: grpc.aio.ServicerContext, request: _Malformed) -> NoReturn:
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
-    raise AssertionError("context.abort returned")
-
-
-class MalformedRequests(grpc.aio.ServerInterceptor):
-    """Answers INVALID_ARGUMENT to a request message that protobuf cannot parse.
-
-    Left to grpc, a parse failure answers UNKNOWN "Unexpected <class DecodeError>" and logs a
-    traceback per message, so any client could flood the log. Covers unary and bidirectional methods
-    (every method of the inference service); others (Health.Watch) keep grpc's behaviour. The wrapped
-    handler is built once per method, so an RPC costs one dict lookup here.
-    """
+class _TableRecorder:
+    """Stands in for a server to read the method table a generated ``add_*_to_server`` registers."""
 
     def __init__(self) -> None:
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self.tables: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = handler_call_details.method
-        wrapped = self._handlers.get(method)
-        if wrapped is None:
-            handler = await continuation(handler_call_details)
-            if handler is None:  # unknown method: not cached, so random names cannot grow the dict
-                return handler
-            wrapped = self._handlers[method] = self._wrap(handler)
-        return wrapped
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # the same table again, behind a generic handler
 
-    @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        if handler.request_deserializer is None:
-            return handler
-        parse = _lenient(handler.request_deserializer)
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.tables[service] = dict(handlers)
 
-            async def checked_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    await _refuse(context, request)
-                return await unary(request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                checked_unary, request_deserializer=parse, response_serializer=handler.response_serializer
-            )
-        if handler.stream_stream is not None:
-            stream = handler.stream_stream
+def _generated_table(
+    add_to_server: Callable[[Any, Any], None], servicer: Any
+) -> tuple[str, dict[str, grpc.RpcMethodHandler]]:
+    """The service name and method name -> handler table of a generated ``add_*_to_server``."""
+    recorder = _TableRecorder()
+    add_to_server(servicer, recorder)
+    if len(recorder.tables) != 1:
+        raise RuntimeError(f"{add_to_server.__qualname__} registered {len(recorder.tables)} services, not 1")
+    return next(iter(recorder.tables.items()))
 
-            async def checked_stream(requests: AsyncIterable[Any], context: grpc.aio.ServicerContext) -> Any:
-                async def checked() -> Any:
-                    async for request in requests:
-                        if isinstance(request, _Malformed):
-                            await _refuse(context, request)
-                        yield request
 
-                return await stream(checked(), context)
+def _checked(
+    unary: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[..., Awaitable[Any]]:
+    async def checked(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Malformed):
+            await _refuse(context, request)
+        return await unary(request, context)
 
-            return grpc.stream_stream_rpc_method_handler(
-                checked_stream, request_deserializer=parse, response_serializer=handler.response_serializer
-            )
+    return checked
+
+
+def _lenient_handler(handler: grpc.RpcMethodHandler, hot: bool) -> grpc.RpcMethodHandler:
+    """``handler`` with a lenient deserializer and the `_Malformed` check (inline when ``hot``).
+
+    Methods that are neither unary nor hot (Health.Watch) keep grpc's behaviour.
+    """
+    if handler.request_deserializer is None:
         return handler
+    parse = _lenient(handler.request_deserializer)
+    if hot and handler.unary_unary is not None:
+        # no response serializer: the servicer answers wire bytes, which grpc sends as they are
+        return grpc.unary_unary_rpc_method_handler(handler.unary_unary, request_deserializer=parse)
+    if hot and handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(handler.stream_stream, request_deserializer=parse)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(
+            _checked(handler.unary_unary),
+            request_deserializer=parse,
+            response_serializer=handler.response_serializer,
+        )
+    return handler
+
+
+def generic_handlers(
+    servicer: InferenceServicer, health: grpc_health.HealthServicer
+) -> tuple[grpc.GenericRpcHandler, ...]:
+    """The handlers of both services, for ``server.add_generic_rpc_handlers``.
+
+    Built from the generated method tables (same full method names, same (de)serializers), with
+    lenient deserializers: a malformed request message is answered INVALID_ARGUMENT, an unknown
+    method UNIMPLEMENTED (by grpc).
+    """
+    handlers = []
+    for add_to_server, target in (
+        (pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
+        (health_pb2_grpc.add_HealthServicer_to_server, health),
+    ):
+        service, table = _generated_table(add_to_server, target)
+        hot = _HOT_METHODS if target is servicer else frozenset()
+        lenient = {method: _lenient_handler(handler, method in hot) for method, handler in table.items()}
+        handlers.append(grpc.method_handlers_generic_handler(service, lenient))
+    return tuple(handlers)
 
 
 def _address(host: str, port: int) -> str:
@@ -439,17 +484,18 @@ async def serve(
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
     ]
-    interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequests()]
+    interceptors: list[grpc.aio.ServerInterceptor] = []
     if settings.auth_tokens:
         # refused before anything is parsed
-        interceptors.insert(0, BearerAuth(settings.auth_tokens, settings.auth_health_open))
+        interceptors.append(BearerAuth(settings.auth_tokens, settings.auth_health_open))
     # Past this many RPCs grpc refuses new ones with RESOURCE_EXHAUSTED instead of queueing them in
     # its core, where neither the gateway's admission control nor any deadline would see them.
     server = grpc.aio.server(
         options=options, interceptors=interceptors, maximum_concurrent_rpcs=settings.max_inflight
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(gateway, prefix), server)
-    grpc_health.add_to_server(gateway, server)
+    server.add_generic_rpc_handlers(
+        generic_handlers(InferenceServicer(gateway, prefix), grpc_health.HealthServicer(gateway))
+    )
     address = _address(settings.host, settings.port)
     try:
         port = server.add_insecure_port(address)

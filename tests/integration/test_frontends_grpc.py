@@ -1,6 +1,6 @@
 """The gRPC front-end of a real server: inference on every built-in model, metadata, health, error
-mapping, deadlines, the message size limit, 500 concurrent calls with batching, and one stream with
-1,000 requests in flight."""
+mapping, malformed messages and unknown methods, deadlines, the message size limit, a multi-MiB answer,
+500 concurrent calls with batching, and one stream with 1,000 requests in flight."""
 
 from __future__ import annotations
 
@@ -177,6 +177,32 @@ def test_error_mapping(stub: pb_grpc.GRPCInferenceServiceStub, case: str) -> Non
     assert err.details()
 
 
+#: Field 1 announcing 255 bytes that never come: protobuf cannot parse it as any request message.
+MALFORMED = b"\x0a\xff\x01"
+
+
+def test_malformed_messages_are_invalid_argument(
+    channel: grpc.Channel, stub: pb_grpc.GRPCInferenceServiceStub
+) -> None:
+    for method in ("ModelInfer", "ModelMetadata"):
+        err = rpc_error(channel.unary_unary(f"/inference.GRPCInferenceService/{method}"), MALFORMED)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.details())
+        assert err.details().startswith("malformed request message: "), method
+    stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+    with pytest.raises(grpc.RpcError) as info:
+        for _ in stream(iter([MALFORMED]), timeout=RPC_TIMEOUT_S):
+            pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("malformed request message: ")
+    assert stub.ServerLive(pb.ServerLiveRequest(), timeout=RPC_TIMEOUT_S).live
+
+
+def test_unknown_method_is_unimplemented(channel: grpc.Channel) -> None:
+    for method in ("/inference.GRPCInferenceService/NoSuchMethod", "/no.such.Service/Call"):
+        err = rpc_error(channel.unary_unary(method), b"")
+        assert err.code() == grpc.StatusCode.UNIMPLEMENTED, method
+
+
 def test_deadline_exceeded(stub: pb_grpc.GRPCInferenceServiceStub, rng: np.random.Generator) -> None:
     # 256 rows of mlp with a 1 ms deadline: sent to the server as grpc-timeout, which the front-end
     # passes down to the worker; either side ends it with DEADLINE_EXCEEDED.
@@ -196,6 +222,25 @@ def test_message_over_the_size_limit(stub: pb_grpc.GRPCInferenceServiceStub) -> 
     small = np.arange(4, dtype=np.float32).reshape(1, 4)
     response = stub.ModelInfer(infer_request("identity", {"INPUT0": small}), timeout=RPC_TIMEOUT_S)
     np.testing.assert_array_equal(response_arrays(response)["OUTPUT0"], small)
+
+
+def test_multi_mib_answer_round_trips(engine_server: ServerProcess) -> None:
+    # 6 MiB out of the worker's shared memory into one answer, read back by tritonclient
+    values = np.arange(3 << 19, dtype=np.float32).reshape(2, -1)
+    item = tgrpc.InferInput("INPUT0", list(values.shape), "FP32")
+    item.set_data_from_numpy(values)
+    client = tgrpc.InferenceServerClient(engine_server.grpc_address)
+    try:
+        result = client.infer("identity", [item], request_id="big", client_timeout=RPC_TIMEOUT_S)
+    finally:
+        client.close()
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), values)
+    response = result.get_response()
+    assert (response.id, response.model_name, list(response.outputs[0].shape)) == (
+        "big",
+        "identity",
+        [2, 3 << 18],
+    )
 
 
 # ---- concurrency ---------------------------------------------------------------------------------------

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import random
 import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -30,8 +33,15 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_server
 from servers.gateway_api import FrontendSettings, InferInput
-from servers.grpc_messages import statistics_message, typed_contents
-from tests.fakes import FakeGateway, FakeResult
+from servers.grpc_health import HealthServicer
+from servers.grpc_messages import (
+    TENSOR_FIELDS_MAX,
+    ModelCache,
+    encode_infer_response,
+    statistics_message,
+    typed_contents,
+)
+from tests.fakes import SPECS, FakeGateway, FakeResult
 
 TIMEOUT_S = 30.0
 
@@ -681,3 +691,165 @@ def test_cancelled_stream_cancels_its_requests() -> None:
         assert all_waiting.wait(TIMEOUT_S)
         call.cancel()
         assert all_cancelled.wait(TIMEOUT_S)
+
+
+# --- malformed messages and method registration ----------------------------------------------------------
+
+#: Field 1 announcing 255 bytes that never come: no message type of either service parses it.
+MALFORMED = b"\x0a\xff\x01"
+INFER_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+def _tracebacks(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        INFER_METHOD,
+        "/inference.GRPCInferenceService/ModelMetadata",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/grpc.health.v1.Health/Check",
+    ],
+)
+def test_malformed_message_is_invalid_argument(
+    server: RunningServer, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with grpc.insecure_channel(server.url) as channel:
+        call = channel.unary_unary(method)  # no serializers: bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            call(MALFORMED, timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("malformed request message: ")
+    assert _tracebacks(caplog) == []
+
+
+def test_malformed_stream_message_ends_the_stream_with_invalid_argument(
+    server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    good = typed_request("identity", "FP32", [1, 1], fp32_contents=[1.0]).SerializeToString()
+    with grpc.insecure_channel(server.url) as channel:
+        responses = channel.stream_stream(STREAM_METHOD)(iter([good, MALFORMED]), timeout=TIMEOUT_S)
+        with pytest.raises(grpc.RpcError) as info:
+            for _ in responses:  # the good request may be answered before the stream fails
+                pass
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("malformed request message: ")
+    assert _tracebacks(caplog) == []
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["/inference.GRPCInferenceService/NoSuchMethod", "/no.such.Service/Check", "/grpc.health.v1.Health/Nope"],
+)
+def test_unknown_method_is_unimplemented(server: RunningServer, method: str) -> None:
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary(method)(b"", timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_bearer_auth_refuses_malformed_messages_before_parsing() -> None:
+    with running(auth_tokens=("s3cret",)) as srv, grpc.insecure_channel(srv.url) as channel:
+        call = channel.unary_unary(INFER_METHOD)
+        with pytest.raises(grpc.RpcError) as info:
+            call(MALFORMED, timeout=TIMEOUT_S)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as info:
+            call(MALFORMED, timeout=TIMEOUT_S, metadata=(("authorization", "Bearer s3cret"),))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith("malformed request message: ")
+        answer = call(
+            typed_request("identity", "FP32", [1, 2], fp32_contents=[1.0, 2.0]).SerializeToString(),
+            timeout=TIMEOUT_S,
+            metadata=(("authorization", "Bearer s3cret"),),
+        )
+        assert pb.ModelInferResponse.FromString(answer).id == "typed"
+
+
+def test_generic_handlers_serve_every_method_of_both_services() -> None:
+    gateway = FakeGateway()
+    handlers = grpc_server.generic_handlers(grpc_server.InferenceServicer(gateway), HealthServicer(gateway))
+    services = [
+        pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+        health_pb2.DESCRIPTOR.services_by_name["Health"],
+    ]
+    for service in services:
+        for method in service.methods:
+            details = SimpleNamespace(method=f"/{service.full_name}/{method.name}", invocation_metadata=())
+            found = [h for h in (g.service(details) for g in handlers) if h is not None]
+            assert len(found) == 1, details.method
+            assert found[0].request_streaming == method.client_streaming, details.method
+            assert found[0].response_streaming == method.server_streaming, details.method
+            assert found[0].request_deserializer is not None, details.method
+
+
+# --- response wire bytes ------------------------------------------------------------------------------------
+
+
+class _SpecGateway:
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+
+    def model_spec(self, name: str) -> Any:
+        return self.spec
+
+
+def _expected(
+    name: str, version: str, request_id: str, outputs: dict[str, np.ndarray], types: dict[str, str]
+) -> bytes:
+    from engine.dtypes import kserve_name
+
+    message = pb.ModelInferResponse(model_name=name, model_version=version, id=request_id)
+    for out_name, array in outputs.items():
+        datatype = types.get(out_name) or kserve_name(array.dtype)
+        message.outputs.add(name=out_name, datatype=datatype, shape=array.shape)
+        message.raw_output_contents.append(array.tobytes())
+    return bytes(message.SerializeToString())
+
+
+def test_encoded_response_is_what_protobuf_serializes() -> None:
+    seed = 20251126
+    print(f"encoder seed {seed}")
+    rng = np.random.default_rng(seed)
+    dtypes = [np.float32, np.int32, np.int64, np.uint8, np.bool_, np.float16, np.float64]
+    ids = ["", "req-1", "ü" * 70, "x" * 300]
+    for version in ("1", ""):
+        spec = dataclasses.replace(SPECS["simple"], version=version)
+        entry = ModelCache(_SpecGateway(spec)).get("simple")  # type: ignore[arg-type]
+        for _ in range(150):
+            outputs: dict[str, np.ndarray] = {}
+            for name in rng.choice(
+                ["OUTPUT0", "OUTPUT1", "EXTRA", "x" * 200], int(rng.integers(0, 4)), replace=False
+            ):
+                shape = tuple(
+                    int(d) for d in rng.choice([0, 1, 2, 3, 127, 128, 300], int(rng.integers(0, 4)))
+                )
+                dtype = dtypes[int(rng.integers(len(dtypes)))]
+                array: np.ndarray = (rng.standard_normal(shape) * 100).astype(dtype)
+                if array.ndim == 2 and rng.random() < 0.3:
+                    array = array.T  # not C-contiguous
+                outputs[str(name)] = array
+            request_id = ids[int(rng.integers(len(ids)))]
+            want = _expected("simple", version, request_id, outputs, {"OUTPUT0": "INT32", "OUTPUT1": "INT32"})
+            assert encode_infer_response(entry, request_id, outputs) == want
+            stream = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(want))
+            assert (
+                encode_infer_response(entry, request_id, outputs, stream=True) == stream.SerializeToString()
+            )
+
+
+def test_encoded_response_large_output_and_bounded_cache() -> None:
+    entry = ModelCache(FakeGateway()).get("identity")
+    big = np.arange(1 << 20, dtype=np.float32).reshape(2, -1)  # 4 MiB: a 4-byte varint length
+    want = _expected("identity", "1", "big", {"OUTPUT0": big}, {"OUTPUT0": "FP32"})
+    assert encode_infer_response(entry, "big", {"OUTPUT0": big}) == want
+    for n in range(TENSOR_FIELDS_MAX + 50):  # shapes chosen by clients must not grow memory
+        array = np.zeros((1, n), np.float32)
+        assert encode_infer_response(entry, "", {"OUTPUT0": array}) == _expected(
+            "identity", "1", "", {"OUTPUT0": array}, {"OUTPUT0": "FP32"}
+        )
+    assert len(entry.tensor_fields) == TENSOR_FIELDS_MAX
