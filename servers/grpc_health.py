@@ -71,10 +71,3 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 await context.write(health_pb2.HealthCheckResponse(status=status))
                 last = status
             await asyncio.sleep(WATCH_INTERVAL_S)
-
-
-def add_to_server(gateway: Gateway, server: grpc.aio.Server) -> HealthServicer:
-    """Register the health service of ``gateway`` on ``server``; returns the servicer."""
-    servicer = HealthServicer(gateway)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    return servicer

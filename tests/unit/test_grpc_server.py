@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 from engine.errors import InvalidArgument
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
-from servers import grpc_server
+from servers import grpc_handlers, grpc_server
 from servers.gateway_api import FrontendSettings, InferInput
 from servers.grpc_health import HealthServicer
 from servers.grpc_messages import (
@@ -772,7 +772,7 @@ def test_bearer_auth_refuses_malformed_messages_before_parsing() -> None:
 
 def test_generic_handlers_serve_every_method_of_both_services() -> None:
     gateway = FakeGateway()
-    handlers = grpc_server.generic_handlers(grpc_server.InferenceServicer(gateway), HealthServicer(gateway))
+    handlers = grpc_handlers.generic_handlers(grpc_server.InferenceServicer(gateway), HealthServicer(gateway))
     services = [
         pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
         health_pb2.DESCRIPTOR.services_by_name["Health"],
