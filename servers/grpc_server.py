@@ -262,7 +262,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     if isinstance(request, Malformed):
-                        await refuse(context, request)
+                        # ended by the writer: an abort here could race its write (grpc refuses
+                        # two send operations at once and the stream would hang)
+                        raise _StreamRefused(request)
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
                     tasks.add(task)
@@ -278,10 +280,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 await context.write(response)
                 slots.release()
             await reader  # re-raises a read error (the stream then ends with its status)
+        except _StreamRefused as refused:
+            await refuse(context, refused.request)
         finally:
             reader.cancel()
             for task in tasks:
                 task.cancel()
+
+
+class _StreamRefused(Exception):
+    """A stream's reader met a malformed message; the writer ends the stream with it."""
+
+    def __init__(self, request: Malformed) -> None:
+        super().__init__(request.reason)
+        self.request = request
 
 
 def _unimplemented(method: str) -> Callable[..., Awaitable[Any]]:
