@@ -13,6 +13,7 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -54,9 +55,11 @@ from engine.shm import (
     RES_MAGIC,
     SERVER_READY,
     STAT_NAMES,
+    TENSOR_DESC,
     TENSOR_DESC_DTYPE,
     BoardLayout,
     frontend_arena_name,
+    pack_region_head,
     region_layout,
     worker_arena_name,
 )
@@ -72,6 +75,9 @@ log = logging.getLogger("servers.gateway")
 _MAX_ELEMENTS = 1 << 40
 #: How long after a request's deadline the front-end answers it itself when the worker has not.
 DEADLINE_SLACK_S = 0.05
+_DEADLINE_SLACK_NS = int(DEADLINE_SLACK_S * 1e9)
+#: Entries of answered requests the deadline heap may hold beyond twice the pending ones.
+_DEADLINE_COMPACT_SLACK = 1024
 
 
 @dataclass(frozen=True)
@@ -177,6 +183,9 @@ class ShmGateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: EventNotifier | None = None
         self._closed = False
+        self._deadlines: list[tuple[int, int]] = []  # heap of (when to answer, req_id)
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_due = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -243,6 +252,9 @@ class ShmGateway:
         if self._closed:
             return
         self._closed = True
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
         if self._loop is not None:
             self._loop.remove_reader(self.h.notifier_fd)
         for req_id in list(self._pending):
@@ -321,20 +333,14 @@ class ShmGateway:
         if region < 0:
             raise ResourceExhausted("front-end arena is full; retry later")
         try:
-            REGION_HEADER.pack_into(
-                arena.view(region, HEADER_BYTES).data, 0, REQ_MAGIC, len(ordered), 0, mask, 0
+            pack_region_head(
+                arena.view(region, HEADER_BYTES + TENSOR_DESC.size * len(ordered)).data,
+                REQ_MAGIC,
+                0,
+                mask,
+                [(code, shape, offs[j], nbytes[j]) for j, (code, _, shape) in enumerate(ordered)],
             )
-            descs = arena.view(region + HEADER_BYTES, (len(ordered),), TENSOR_DESC_DTYPE)
-            for j, (code, item, shape) in enumerate(ordered):
-                descs[j] = (
-                    code,
-                    len(shape),
-                    0,
-                    0,
-                    offs[j],
-                    nbytes[j],
-                    shape + (0,) * (MAX_RANK - len(shape)),
-                )
+            for j, (_, item, _) in enumerate(ordered):
                 arena.write(region + offs[j], item.data)
         except BaseException:
             arena.free(region)
@@ -354,23 +360,49 @@ class ShmGateway:
         link.pending.add(req_id)
         self._inflight[m] += 1
         self._publish_inflight()
-        timer = None
         if deadline_ns:
             # A hung worker must not hold the answer past the deadline: answer here, a little after
             # the worker itself would have, and free the region when the worker finally reports back.
-            delay = (deadline_ns - time.monotonic_ns()) / 1e9 + DEADLINE_SLACK_S
-            timer = loop.call_later(max(0.0, delay), self._expire, req_id)
+            self._watch_deadline(deadline_ns + _DEADLINE_SLACK_NS, req_id)
         try:
             result = await future
         except asyncio.CancelledError:
             # the client went away: let the worker drop the request instead of computing it
             self._cancel_at_worker(req_id)
             raise
-        finally:
-            if timer is not None:
-                timer.cancel()
         result.request_id = request_id
         return result
+
+    # One heap and one timer for every deadline, not a loop timer per request (created and
+    # cancelled per request, that cost more than the rest of the admission). Answered requests
+    # leave their entries behind; `_expire` ignores them and the heap is compacted when they pile up.
+
+    def _watch_deadline(self, due_ns: int, req_id: int) -> None:
+        heapq.heappush(self._deadlines, (due_ns, req_id))
+        if self._deadline_timer is None or due_ns < self._deadline_due:
+            self._arm_deadline_timer(due_ns)
+        elif len(self._deadlines) > 2 * len(self._pending) + _DEADLINE_COMPACT_SLACK:
+            self._deadlines = [d for d in self._deadlines if d[1] in self._pending]
+            heapq.heapify(self._deadlines)
+
+    def _arm_deadline_timer(self, due_ns: int) -> None:
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+        assert self._loop is not None
+        self._deadline_due = due_ns
+        delay = max(0.0, (due_ns - time.monotonic_ns()) / 1e9)
+        self._deadline_timer = self._loop.call_later(delay, self._on_deadlines)
+
+    def _on_deadlines(self) -> None:
+        self._deadline_timer = None
+        heap = self._deadlines
+        now = time.monotonic_ns()
+        while heap and heap[0][0] <= now:
+            self._expire(heapq.heappop(heap)[1])
+        while heap and heap[0][1] not in self._pending:
+            heapq.heappop(heap)  # answered: nothing to wake up for
+        if heap and not self._closed:
+            self._arm_deadline_timer(heap[0][0])
 
     def _expire(self, req_id: int) -> None:
         entry = self._pending.get(req_id)

@@ -44,9 +44,11 @@ from engine.shm import (
     RES_MAGIC,
     STAT_INDEX,
     STAT_NAMES,
+    TENSOR_DESC,
     TENSOR_DESC_DTYPE,
     BoardLayout,
     frontend_arena_name,
+    pack_region_head,
     region_layout,
 )
 from engine.worker.batcher import Batcher
@@ -542,23 +544,14 @@ class WorkerCore:
         offset = self.arena.try_alloc(total)
         if offset < 0:
             raise ResourceExhausted("worker output arena is full; retry")
-        REGION_HEADER.pack_into(
-            self.arena.view(offset, HEADER_BYTES).data,
-            0,
+        pack_region_head(
+            self.arena.view(offset, HEADER_BYTES + TENSOR_DESC.size * len(outputs)).data,
             RES_MAGIC,
-            len(outputs),
             FLAG_BATCHED if batched else 0,
             0,
-            0,
+            [(DTYPE_CODES[_kserve(o.dtype)], o.shape, offs[j], o.nbytes) for j, o in enumerate(outputs)],
         )
-        descs = self.arena.view(offset + HEADER_BYTES, (len(outputs),), TENSOR_DESC_DTYPE)
         for j, out in enumerate(outputs):
-            d = descs[j]
-            d["dtype"] = DTYPE_CODES[_kserve(out.dtype)]
-            d["ndim"] = out.ndim
-            d["offset"] = offs[j]
-            d["nbytes"] = out.nbytes
-            d["dims"][: out.ndim] = out.shape
             self.arena.write(offset + offs[j], out)
         return offset, total
 

@@ -300,6 +300,17 @@ def test_deadline_answered_while_worker_hangs_then_hang_restarts_it(
         waited = time.monotonic() - started
     assert isinstance(error, DeadlineExceeded), repr(error)
     assert waited < timeout_s + DEADLINE_GRACE_S, f"answered {waited:.2f} s after a {timeout_s} s deadline"
+    # a later request with an earlier deadline is answered first: the front-end keeps one timer for
+    # all deadlines and moves it forward for the earlier one
+    with stopped(pid):
+        now = time.monotonic_ns()
+        late = harness.loop.create_task(echo(harness.gateway, "identity", rows(6.0), now + int(30e9)))
+        early = harness.loop.create_task(echo(harness.gateway, "identity", rows(7.0), now + int(0.3e9)))
+        harness.loop.run_until_complete(asyncio.wait([early], timeout=10.0))
+        assert early.done() and isinstance(early.exception(), DeadlineExceeded), early
+        assert not late.done(), "the request with the later deadline was answered with the earlier one"
+    # resumed: the late request's answer comes from the worker
+    np.testing.assert_array_equal(settle(harness, late), np.full((1, 4), 6.0, np.float32))
     # resumed: it serves again, the very same process, and the late request's region came back
     np.testing.assert_array_equal(outcome(harness, "identity", rows(3.0)), np.full((1, 4), 3.0, np.float32))
     wait_idle(harness)
