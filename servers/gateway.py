@@ -7,7 +7,9 @@ front-end's eventfd (registered with ``loop.add_reader``), signalled by workers 
 burst; outputs come back as read-only numpy views into the worker's arena, released when the
 protocol has sent them.
 
-Nothing here imports torch.
+Request checks live in `servers.gateway_requests`, response-region reading in
+`servers.gateway_responses`, the records kept and handed out (`GatewayHandles`, `ShmResult`) in
+`servers.gateway_records`; all are importable from here. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -17,31 +19,27 @@ import heapq
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, numpy_dtype
 from engine.errors import (
     DeadlineExceeded,
     EngineError,
     InternalError,
-    InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
     WorkerDied,
     from_wire,
 )
-from engine.models.spec import MAX_RANK, ModelSpec
+from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
     F_INFLIGHT,
     F_MODELS,
     F_STATE,
-    FLAG_BATCHED,
     HEADER_BYTES,
     KIND_CANCEL,
     KIND_ERROR,
@@ -50,14 +48,10 @@ from engine.shm import (
     KIND_RESPONSE,
     NO_REGION,
     PROC_UP,
-    REGION_HEADER,
     REQ_MAGIC,
-    RES_MAGIC,
     SERVER_READY,
     STAT_NAMES,
     TENSOR_DESC,
-    TENSOR_DESC_DTYPE,
-    BoardLayout,
     frontend_arena_name,
     pack_region_head,
     region_layout,
@@ -69,99 +63,19 @@ from ext.notify import EventNotifier, WakeWord
 from ext.ring import DESC_DTYPE, Ring
 from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
 from servers.gateway_api import InferInput
+from servers.gateway_records import GatewayHandles, PendingRequest, ShmResult, WorkerLink
+from servers.gateway_requests import buffer_nbytes, now_deadline, output_mask, validate_inputs
+from servers.gateway_responses import ParsedOutput, parse_outputs
+
+__all__ = ["DEADLINE_SLACK_S", "GatewayHandles", "ShmGateway", "ShmResult", "now_deadline"]
 
 log = logging.getLogger("servers.gateway")
 
-_MAX_ELEMENTS = 1 << 40
 #: How long after a request's deadline the front-end answers it itself when the worker has not.
 DEADLINE_SLACK_S = 0.05
 _DEADLINE_SLACK_NS = int(DEADLINE_SLACK_S * 1e9)
 #: Entries of answered requests the deadline heap may hold beyond twice the pending ones.
 _DEADLINE_COMPACT_SLACK = 1024
-
-
-@dataclass(frozen=True)
-class GatewayHandles:
-    """What a front-end process needs to attach its gateway (handed over by the supervisor)."""
-
-    base: str
-    layout: BoardLayout
-    f: int
-    gen: int
-    specs: tuple[ModelSpec, ...]
-    repository_errors: tuple[tuple[str, str], ...]
-    notifier_fd: int
-    arena_max_block: int
-    max_inflight_per_model: int
-    max_inflight_per_frontend: int
-    worker_devices: tuple[str, ...]
-
-
-class _Link:
-    """This front-end's side of one (front-end, worker) pair."""
-
-    __slots__ = ("acked", "out_arena", "out_gen", "pending", "releases", "request", "response", "w", "word")
-
-    def __init__(self, w: int, request: Ring, response: Ring, word: WakeWord) -> None:
-        self.w = w
-        self.request = request
-        self.response = response
-        self.word = word
-        self.acked = 0
-        self.out_arena: Arena | None = None
-        self.out_gen = 0
-        self.pending: set[int] = set()
-        self.releases: list[tuple[int, int]] = []
-
-
-class _Pending:
-    __slots__ = ("future", "link", "model", "outputs", "region")
-
-    def __init__(
-        self, future: asyncio.Future[Any], link: _Link, region: int, model: int, outputs: int
-    ) -> None:
-        self.future = future
-        self.link = link
-        self.region = region
-        self.model = model
-        self.outputs = outputs
-
-
-class ShmResult:
-    """Outputs of one request as read-only views into a worker's arena; `release()` hands them back."""
-
-    __slots__ = ("_gateway", "_gen", "_link", "_offset", "model", "outputs", "request_id")
-
-    def __init__(
-        self,
-        gateway: ShmGateway,
-        link: _Link,
-        offset: int,
-        gen: int,
-        model: str,
-        request_id: str,
-        outputs: dict[str, np.ndarray],
-    ) -> None:
-        self._gateway: ShmGateway | None = gateway
-        self._link = link
-        self._offset = offset
-        self._gen = gen
-        self.model = model
-        self.request_id = request_id
-        self.outputs = outputs
-
-    def release(self) -> None:
-        """Give the output region back to the worker. Safe to call twice."""
-        gw, self._gateway = self._gateway, None
-        if gw is not None:
-            self.outputs = {}
-            gw._release(self._link, self._offset, self._gen)
-
-    def __enter__(self) -> ShmResult:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class ShmGateway:
@@ -174,8 +88,8 @@ class ShmGateway:
         self.index = {s.name: i for i, s in enumerate(handles.specs)}
         self._control: Segment | None = None
         self._arena: Arena | None = None
-        self._links: list[_Link] = []
-        self._pending: dict[int, _Pending] = {}
+        self._links: list[WorkerLink] = []
+        self._pending: dict[int, PendingRequest] = {}
         self._inflight = [0] * len(handles.specs)
         self._next_id = 1
         self._rr = 0
@@ -214,7 +128,7 @@ class ShmGateway:
         arena_seg = Segment.attach(frontend_arena_name(h.base, h.f, h.gen), KIND_ARENA)
         self._arena = Arena.format(arena_seg, max_block=h.arena_max_block)
         self._links = [
-            _Link(
+            WorkerLink(
                 w,
                 Ring.attach(control, self.layout.request_ring(h.f, w)),
                 Ring.attach(control, self.layout.response_ring(h.f, w)),
@@ -311,8 +225,8 @@ class ShmGateway:
     ) -> ShmResult:
         spec = self.model_spec(model)
         m = self.index[model]
-        ordered = self._validate(spec, inputs)
-        mask = self._output_mask(spec, outputs)
+        ordered = validate_inputs(spec, inputs)
+        mask = output_mask(spec, outputs)
         if self._closed or self._board(0) & 0xFFFFFFFF != SERVER_READY:
             raise Unavailable("server is not ready (starting or draining)")
         if len(self._pending) >= self.h.max_inflight_per_frontend:
@@ -327,7 +241,7 @@ class ShmGateway:
         link = self._pick(m, model)
         arena = self._arena
         assert arena is not None
-        nbytes = [_nbytes(item.data) for _, item, _ in ordered]
+        nbytes = [buffer_nbytes(item.data) for _, item, _ in ordered]
         total, offs = region_layout(nbytes)
         region = arena.try_alloc(total) if total <= arena.max_block else -1
         if region < 0:
@@ -356,7 +270,7 @@ class ShmGateway:
             arena.free(region)
             raise ResourceExhausted("request ring to the worker is full; retry later")
         link.word.notify()
-        self._pending[req_id] = _Pending(future, link, region, m, mask)
+        self._pending[req_id] = PendingRequest(future, link, region, m, mask)
         link.pending.add(req_id)
         self._inflight[m] += 1
         self._publish_inflight()
@@ -435,77 +349,7 @@ class ShmGateway:
 
     # ---- request side ------------------------------------------------------------------------
 
-    @staticmethod
-    def _validate(
-        spec: ModelSpec, inputs: Sequence[InferInput]
-    ) -> list[tuple[int, InferInput, tuple[int, ...]]]:
-        by_name: dict[str, InferInput] = {}
-        for item in inputs:
-            if item.name in by_name:
-                raise InvalidArgument(f"input {item.name!r} given twice")
-            by_name[item.name] = item
-        ordered = []
-        rows = None
-        for tspec in spec.inputs:
-            found = by_name.pop(tspec.name, None)
-            if found is None:
-                raise InvalidArgument(f"model {spec.name!r} needs input {tspec.name!r}")
-            item = found
-            if item.datatype != tspec.datatype:
-                raise InvalidArgument(
-                    f"input {tspec.name!r}: datatype {item.datatype} does not match "
-                    f"the model's {tspec.datatype}"
-                )
-            shape = tuple(int(d) for d in item.shape)
-            want = spec.full_shape(tspec)
-            if len(shape) != len(want) or len(shape) > MAX_RANK:
-                raise InvalidArgument(
-                    f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
-                )
-            count = 1
-            for d, w in zip(shape, want, strict=True):
-                if d < 0:
-                    raise InvalidArgument(f"input {tspec.name!r}: negative dimension in shape {list(shape)}")
-                if w != -1 and d != w:
-                    raise InvalidArgument(
-                        f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
-                    )
-                count *= d
-                if count > _MAX_ELEMENTS:
-                    raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} is too large")
-            nbytes = _nbytes(item.data)
-            if nbytes != count * numpy_dtype(tspec.datatype).itemsize:
-                raise InvalidArgument(
-                    f"input {tspec.name!r}: {nbytes} bytes given, shape {list(shape)} of {tspec.datatype} "
-                    f"needs {count * numpy_dtype(tspec.datatype).itemsize}"
-                )
-            if spec.max_batch_size > 0:
-                if rows is None:
-                    rows = shape[0]
-                elif shape[0] != rows:
-                    raise InvalidArgument("inputs disagree on the batch size (first dimension)")
-            ordered.append((DTYPE_CODES[tspec.datatype], item, shape))
-        if by_name:
-            raise InvalidArgument(f"model {spec.name!r} has no input {next(iter(by_name))!r}")
-        if spec.max_batch_size > 0 and rows is not None and not 1 <= rows <= spec.max_batch_size:
-            raise InvalidArgument(
-                f"batch size {rows} is outside 1..{spec.max_batch_size} (max_batch_size of {spec.name!r})"
-            )
-        return ordered
-
-    @staticmethod
-    def _output_mask(spec: ModelSpec, outputs: Sequence[str] | None) -> int:
-        if not outputs:
-            return 0
-        mask = 0
-        names = [o.name for o in spec.outputs]
-        for name in outputs:
-            if name not in names:
-                spec.output(name)  # raises InvalidArgument naming the outputs
-            mask |= 1 << names.index(name)
-        return mask
-
-    def _pick(self, m: int, model: str) -> _Link:
+    def _pick(self, m: int, model: str) -> WorkerLink:
         n = len(self._links)
         for k in range(n):
             link = self._links[(self._rr + k) % n]
@@ -526,7 +370,7 @@ class ShmGateway:
     def _serves(self, w: int, m: int) -> bool:
         return self._worker_up(w) and bool(self._board(self.layout.worker(w, F_MODELS)) >> m & 1)
 
-    def _active(self, link: _Link) -> bool:
+    def _active(self, link: WorkerLink) -> bool:
         wgen = self._board(self.layout.worker(link.w, F_GEN))
         if wgen != link.acked:
             self._sync_workers()
@@ -568,8 +412,8 @@ class ShmGateway:
             if not any(not link.response.is_empty() for link in self._links):
                 return
 
-    def _take_responses(self, link: _Link) -> None:
-        parsed: dict[int, list[tuple[str, np.ndarray, bool]]] = {}
+    def _take_responses(self, link: WorkerLink) -> None:
+        parsed: dict[int, list[ParsedOutput]] = {}
         while True:
             n = link.response.pop_into(self._buf)
             if not n:
@@ -593,7 +437,7 @@ class ShmGateway:
                         spec = self.h.specs[entry.model]
                         outs = parsed.get(offset)
                         if outs is None:
-                            outs = self._parse_outputs(link, offset, length, gen, spec)
+                            outs = parse_outputs(self._out_arena(link, gen), offset, length, spec)
                             parsed[offset] = outs
                         arrays = {}
                         for j, (name, arr, batched) in enumerate(outs):
@@ -627,30 +471,12 @@ class ShmGateway:
             if n < len(self._buf):
                 return
 
-    def _out_arena(self, link: _Link, gen: int) -> Arena:
+    def _out_arena(self, link: WorkerLink, gen: int) -> Arena:
         if link.out_arena is None or link.out_gen != gen:
             seg = Segment.attach(worker_arena_name(self.h.base, link.w, gen), KIND_ARENA, writable=False)
             link.out_arena = Arena.attach(seg)
             link.out_gen = gen
         return link.out_arena
-
-    def _parse_outputs(
-        self, link: _Link, offset: int, length: int, gen: int, spec: ModelSpec
-    ) -> list[tuple[str, np.ndarray, bool]]:
-        arena = self._out_arena(link, gen)
-        magic, n, flags, _mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES).data)
-        if magic != RES_MAGIC or n != len(spec.outputs):
-            raise InternalError(f"bad response region (magic {magic:#x}, {n} outputs)")
-        batched = bool(flags & FLAG_BATCHED)
-        out = []
-        for tspec, (code, ndim, _p0, _p1, d_off, nbytes, dims) in zip(
-            spec.outputs, arena.view(offset + HEADER_BYTES, (n,), TENSOR_DESC_DTYPE).tolist(), strict=True
-        ):
-            if d_off + nbytes > length:
-                raise InternalError("response tensor runs past its region")
-            arr = arena.view(offset + d_off, tuple(dims[:ndim]), numpy_dtype(CODE_TO_DTYPE[code]))
-            out.append((tspec.name, arr, batched))
-        return out
 
     def _fail(self, req_id: int, err: EngineError) -> None:
         entry = self._pending.pop(req_id, None)
@@ -663,13 +489,13 @@ class ShmGateway:
         if not entry.future.done():
             entry.future.set_exception(err)
 
-    def _release(self, link: _Link, offset: int, gen: int) -> None:
+    def _release(self, link: WorkerLink, offset: int, gen: int) -> None:
         if gen != link.acked:
             return  # that worker incarnation is gone, and its arena with it
         link.releases.append((offset, gen))
         self._flush_releases(link)
 
-    def _flush_releases(self, link: _Link) -> None:
+    def _flush_releases(self, link: WorkerLink) -> None:
         while link.releases:
             offset, gen = link.releases[0]
             if not link.request.push(KIND_RELEASE, 0, 0, offset, 0, 0, 0, 0, 0, gen):
@@ -677,13 +503,3 @@ class ShmGateway:
                 return
             link.releases.pop(0)
 
-
-def _nbytes(data: object) -> int:
-    if isinstance(data, np.ndarray):
-        return int(data.nbytes)
-    return memoryview(data).nbytes  # type: ignore[arg-type]
-
-
-def now_deadline(timeout_s: float | None) -> int | None:
-    """Absolute deadline (time.monotonic_ns) for a relative timeout, or None."""
-    return None if timeout_s is None else time.monotonic_ns() + int(timeout_s * 1e9)
