@@ -64,10 +64,10 @@ from ext.ring import DESC_DTYPE, Ring
 from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
 from servers.gateway_api import InferInput
 from servers.gateway_records import GatewayHandles, PendingRequest, ShmResult, WorkerLink
-from servers.gateway_requests import buffer_nbytes, now_deadline, output_mask, validate_inputs
+from servers.gateway_requests import buffer_nbytes, output_mask, validate_inputs
 from servers.gateway_responses import ParsedOutput, parse_outputs
 
-__all__ = ["DEADLINE_SLACK_S", "GatewayHandles", "ShmGateway", "ShmResult", "now_deadline"]
+__all__ = ["DEADLINE_SLACK_S", "GatewayHandles", "ShmGateway", "ShmResult"]
 
 log = logging.getLogger("servers.gateway")
 

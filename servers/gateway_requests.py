@@ -8,7 +8,6 @@ refused request costs no arena space and no ring slot. Each refusal is an
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -116,7 +115,3 @@ def buffer_nbytes(data: object) -> int:
         return int(data.nbytes)
     return memoryview(data).nbytes  # type: ignore[arg-type]
 
-
-def now_deadline(timeout_s: float | None) -> int | None:
-    """Absolute deadline (time.monotonic_ns) for a relative timeout, or None."""
-    return None if timeout_s is None else time.monotonic_ns() + int(timeout_s * 1e9)
