@@ -7,6 +7,10 @@ in-flight requests drain, stops the children and unlinks every segment it create
 
 `Supervisor` is steppable and thread-agnostic: `engine.launch` drives it from the main thread with
 signal handlers, `engine.Engine` from a background thread for tests and embedding.
+
+Its parts: `engine.supervisor_children` (the process slots and what each child is started with),
+`engine.supervisor_shm` (arena names and sizes, the /dev/shm check, the stale sweep),
+`engine.supervisor_status` (the status document).
 """
 
 from __future__ import annotations
@@ -18,15 +22,12 @@ import os
 import secrets
 import signal
 import time
-from dataclasses import dataclass, field, replace
 from multiprocessing.connection import wait as wait_sentinels
-from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from engine.config import EngineConfig, resolve_devices, resolve_spin_s
+from engine.config import EngineConfig, resolve_devices
 from engine.errors import EngineError
-from engine.fdpass import PassFd
 from engine.logs import resolve_format
 from engine.models.repository import load_repository
 from engine.models.spec import ModelSpec
@@ -46,19 +47,30 @@ from engine.shm import (
     SERVER_STARTING,
     SERVER_STOPPING,
     BoardLayout,
-    frontend_arena_name,
-    worker_arena_name,
+)
+from engine.supervisor_children import Child, process_entry
+from engine.supervisor_shm import (
+    arena_name,
+    arena_segment_size,
+    next_pow2,
+    shm_shortage,
+    sweep_stale_segments_in,
+)
+from engine.supervisor_status import (
+    arena_bytes_in_use,
+    model_stats,
+    process_status,
+    server_state_name,
 )
 from engine.telemetry import Telemetry
-from ext.arena import Arena, segment_size_for
 from ext.notify import eventfd_open
 from ext.ring import Ring
-from ext.segment import KIND_ARENA, KIND_CONTROL, NAME_PREFIX, Segment, segment_info, unlink_segment
+from ext.segment import KIND_ARENA, KIND_CONTROL, NAME_PREFIX, Segment, unlink_segment
 from servers.gateway import GatewayHandles
-from servers.gateway_api import FrontendSettings
 
 log = logging.getLogger("engine.supervisor")
 
+#: Where the segments live; read at each use, so a test may point it at a small tmpfs.
 SHM_DIR = Path("/dev/shm")
 #: Once nothing is in flight, how long a drain still lets the front-ends refuse late arrivals.
 DRAIN_LINGER_S = 0.25
@@ -72,54 +84,9 @@ class ShmTooSmall(StartupError):
     """/dev/shm cannot hold the configured arenas (Docker gives containers 64 MB by default)."""
 
 
-@dataclass
-class Child:
-    """One process slot (a worker or a front-end) across its incarnations."""
-
-    role: str  # "worker" | "frontend"
-    index: int  # w or f
-    name: str  # e.g. "worker cpu:0", "frontend grpc#0"
-    protocol: str = ""
-    device: str = ""
-    instance: int = 0
-    gen: int = 0
-    process: BaseProcess | None = None
-    started_at: float = 0.0
-    restarts: list[float] = field(default_factory=list)
-    restart_at: float | None = None
-    port: int = 0
-    embedded: bool = False
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def sweep_stale_segments() -> list[str]:
     """Unlink segments left by engine processes that are gone (a supervisor killed with SIGKILL)."""
-    removed: list[str] = []
-    if not SHM_DIR.is_dir():
-        return removed
-    for path in SHM_DIR.glob(f"{NAME_PREFIX}*"):
-        try:
-            pid = segment_info(path.name)["creator_pid"]
-        except Exception:
-            continue  # not ours, or not readable: leave it
-        if pid and not _alive(pid) and unlink_segment(path.name):
-            removed.append(path.name)
-    if removed:
-        log.warning("removed %d stale segments of dead engine processes", len(removed))
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return sweep_stale_segments_in(SHM_DIR)
 
 
 class Supervisor:
@@ -209,44 +176,24 @@ class Supervisor:
         self.telemetry.serve(self)
 
     def _check_shm_space(self, n_workers: int, n_frontends: int) -> None:
-        cfg = self.config
         assert self.layout is not None
-        need = (
-            self.layout.total
-            + n_workers * segment_size_for(cfg.worker_arena_mb << 20, self.arena_max_block)
-            + n_frontends * segment_size_for(cfg.frontend_arena_mb << 20, self.arena_max_block)
+        shortage = shm_shortage(
+            SHM_DIR, self.config, self.layout.total, n_workers, n_frontends, self.arena_max_block
         )
-        try:
-            st = os.statvfs(SHM_DIR)
-        except OSError:
-            return
-        free = st.f_bavail * st.f_frsize
-        if free < need:
-            raise ShmTooSmall(
-                f"/dev/shm has {free >> 20} MiB free but the engine needs {need >> 20} MiB for its arenas "
-                f"({n_workers} workers x {cfg.worker_arena_mb} MiB, {n_frontends} front-ends x "
-                f"{cfg.frontend_arena_mb} MiB). In Docker run with --ipc=host or "
-                f"--shm-size={(need >> 20) + 64}m, or lower worker_arena_mb / frontend_arena_mb"
-            )
+        if shortage is not None:
+            raise ShmTooSmall(shortage)
 
     def _new_generation(self, child: Child) -> None:
         """Bump the slot's generation, give it a fresh arena and announce it on the board."""
         assert self.control is not None and self.layout is not None
         old = child.gen
         child.gen += 1
-        cfg = self.config
-        if child.role == "worker":
-            name = worker_arena_name(self.base, child.index, child.gen)
-            size = segment_size_for(cfg.worker_arena_mb << 20, self.arena_max_block)
-            slot = self.layout.worker(child.index)
-            old_name = worker_arena_name(self.base, child.index, old) if old else None
-        else:
-            name = frontend_arena_name(self.base, child.index, child.gen)
-            size = segment_size_for(cfg.frontend_arena_mb << 20, self.arena_max_block)
-            slot = self.layout.frontend(child.index)
-            old_name = frontend_arena_name(self.base, child.index, old) if old else None
-        if old_name is not None:
-            self._unlink(old_name)  # peers that still map it keep their mapping until they let go
+        name = arena_name(self.base, child.role, child.index, child.gen)
+        size = arena_segment_size(self.config, child.role, self.arena_max_block)
+        slot = self._slot(child)
+        if old:
+            # peers that still map it keep their mapping until they let go
+            self._unlink(arena_name(self.base, child.role, child.index, old))
         self.segments[name] = Segment.create(size, KIND_ARENA, name=name)
         self.control.store_u64(slot + F_STATE, PROC_STARTING)
         self.control.store_u64(slot + F_STARTED, time.monotonic_ns())
@@ -256,68 +203,13 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         assert self.layout is not None
         self._new_generation(child)
-        cfg = self.config
-        if child.role == "worker":
-            from engine.worker.main import WorkerArgs, run
-
-            args: Any = WorkerArgs(
-                w=child.index,
-                gen=child.gen,
-                device=child.device,
-                base=self.base,
-                layout=self.layout,
-                specs=self.specs,
-                notifier_fds=tuple(PassFd(fd) for fd in self.eventfds),  # type: ignore[misc]
-                arena_max_block=self.arena_max_block,
-                heartbeat_interval_s=cfg.heartbeat_interval_s,
-                drain_grace_s=cfg.drain_grace_s,
-                threads=cfg.worker_threads or self._auto_worker_threads(),
-                log_level=cfg.log_level,
-                spin_s=resolve_spin_s(cfg),
-                breaker_failures=cfg.breaker_failures,
-                breaker_cooldown_s=cfg.breaker_cooldown_s,
-                telemetry=self.telemetry.settings(self),
-            )
-            target: Any = run
-        else:
-            from servers.frontend import FrontendArgs
-            from servers.frontend import run as frun
-
-            args = FrontendArgs(
-                protocol=child.protocol,
-                handles=replace(self.handles(child.index), notifier_fd=PassFd(self.eventfds[child.index])),  # type: ignore[arg-type]
-                settings=FrontendSettings(
-                    host=cfg.host,
-                    port=child.port or self._configured_port(child.protocol),
-                    max_message_bytes=cfg.max_message_mb << 20,
-                    reuse_port=child.protocol == "grpc" and cfg.grpc_frontends > 1,
-                    auth_tokens=cfg.auth_tokens,
-                    instance=child.instance,
-                    # what the gateway admits, plus room for the requests it refuses itself
-                    max_inflight=2 * cfg.max_inflight_per_frontend,
-                    auth_health_open=cfg.auth_health_open,
-                ),
-                heartbeat_interval_s=cfg.heartbeat_interval_s,
-                log_level=cfg.log_level,
-                telemetry=self.telemetry.settings(self),
-            )
-            target = frun
+        target, args = process_entry(self, child)
         proc = self.ctx.Process(target=target, args=(args,), name=child.name, daemon=False)
         proc.start()
         child.process = proc
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %s, generation %d)", child.name, proc.pid, child.gen)
-
-    def _auto_worker_threads(self) -> int:
-        # Measured on 2 cores (gRPC + REST + ZMQ front-ends): 1 thread instead of torch's 2 doubled
-        # ZMQ mlp req/s at concurrency 64 (680 -> 1570).
-        # An embedded front-end (Engine.connect) runs in the caller's process and needs a core too.
-        return max(1, (os.cpu_count() or 1) - len(self.children_by_role("frontend")))
-
-    def _configured_port(self, protocol: str) -> int:
-        cfg = self.config
-        return {"grpc": cfg.grpc_port, "rest": cfg.rest_port, "zmq": cfg.zmq_port}[protocol]
 
     def handles(self, f: int) -> GatewayHandles:
         """What front-end slot ``f`` needs to attach its gateway."""
@@ -445,11 +337,7 @@ class Supervisor:
         # not after the backoff.
         self._new_generation(child)
         child.gen -= 1  # _spawn bumps it again, with a fresh arena
-        self._unlink(
-            worker_arena_name(self.base, child.index, child.gen + 1)
-            if child.role == "worker"
-            else frontend_arena_name(self.base, child.index, child.gen + 1)
-        )
+        self._unlink(arena_name(self.base, child.role, child.index, child.gen + 1))
         self._wake_frontends()
         backoff = self.config.restart_backoff_s * (2 ** (len(child.restarts) - 1))
         child.restart_at = now + backoff
@@ -462,11 +350,7 @@ class Supervisor:
         """
         assert self.control is not None
         slot = self._slot(child)
-        self._unlink(
-            worker_arena_name(self.base, child.index, child.gen)
-            if child.role == "worker"
-            else frontend_arena_name(self.base, child.index, child.gen)
-        )
+        self._unlink(arena_name(self.base, child.role, child.index, child.gen))
         child.gen += 1
         self.control.store_u64(slot + F_STATE, PROC_DOWN)
         self.control.store_u64(slot + F_GEN, child.gen)  # peers fail what the dead one held
@@ -556,36 +440,20 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """Per process: pid, state, uptime, restarts; per model: counters from the workers."""
         control = self.control
-        procs = []
         now = time.monotonic_ns()
-        for c in self.children:
-            slot = self._slot(c)
-            state = control.load_u64(slot + F_STATE) if control is not None else PROC_DOWN
-            started = control.load_u64(slot + F_STARTED) if control is not None else 0
-            procs.append(
-                {
-                    "name": c.name,
-                    "role": c.role,
-                    "pid": c.process.pid if c.process is not None else (os.getpid() if c.embedded else None),
-                    "state": {PROC_DOWN: "down", PROC_STARTING: "starting", PROC_UP: "up"}.get(state, "?"),
-                    "generation": c.gen,
-                    "uptime_s": round((now - started) / 1e9, 3) if started else 0.0,
-                    "restarts": len(c.restarts),
-                    "heartbeat_age_s": (
-                        round((now - control.load_u64(slot + F_HEARTBEAT)) / 1e9, 3)
-                        if control is not None
-                        else None
-                    ),
-                    "port": c.port or None,
-                    "inflight": control.load_u64(slot + F_INFLIGHT)
-                    if control and c.role == "frontend"
-                    else None,
-                    "arena_bytes_in_use": self._arena_bytes_in_use(c),
-                }
+        procs = [
+            process_status(
+                c,
+                control,
+                self._slot(c),
+                now,
+                arena_bytes_in_use(self.segments.get(arena_name(self.base, c.role, c.index, c.gen))),
             )
+            for c in self.children
+        ]
         return {
             "server": {
-                "state": self._state_name(),
+                "state": server_state_name(control),
                 "uptime_s": round((now - self.started_ns) / 1e9, 3),
                 "failed": self.failed,
             },
@@ -594,44 +462,6 @@ class Supervisor:
             "repository_errors": dict(self.repository_errors),
         }
 
-    def _arena_bytes_in_use(self, child: Child) -> int | None:
-        """Bytes allocated in the arena of the child's current incarnation; None before it formatted it.
-
-        Read from the arena header through the supervisor's own mapping: a killed child's regions
-        must come back (its peers free them), and this is where a test or an operator sees that.
-        """
-        if child.role == "worker":
-            name = worker_arena_name(self.base, child.index, child.gen)
-        else:
-            name = frontend_arena_name(self.base, child.index, child.gen)
-        segment = self.segments.get(name)
-        if segment is None or segment.closed:
-            return None
-        try:
-            arena = Arena.attach(segment)
-        except ValueError:
-            return None  # created, not yet formatted by its process
-        try:
-            return int(arena.bytes_in_use)
-        finally:
-            arena.close()
-
-    def _state_name(self) -> str:
-        if self.control is None:
-            return "stopped"
-        return {
-            SERVER_STARTING: "starting",
-            SERVER_READY: "ready",
-            SERVER_DRAINING: "draining",
-            SERVER_STOPPING: "stopping",
-        }.get(self.control.load_u64(0), "?")
-
     def model_stats(self) -> dict[str, dict[str, int]]:
         """Per model, the worker counters of the board combined over workers."""
-        from engine.shm import STAT_NAMES
-        from engine.stats import model_counters
-
-        control, layout = self.control, self.layout
-        if control is None or layout is None:
-            return {spec.name: dict.fromkeys(STAT_NAMES, 0) for spec in self.specs}
-        return {spec.name: model_counters(control, layout, m) for m, spec in enumerate(self.specs)}
+        return model_stats(self.control, self.layout, self.specs)

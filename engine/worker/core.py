@@ -4,18 +4,19 @@
 wraps it. One `step()` waits for work (a short spin, then a futex sleep), takes every descriptor
 the front-ends have pushed, answers expired requests, computes the batches that are due and posts
 the completions, waking each front-end at most once per step.
+
+What it keeps per front-end slot is a `engine.worker.peers.Peer`; the request and output region
+bytes are read and written in `engine.worker.regions`; the board counters in `engine.worker.stats`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.dtypes import CODE_TO_DTYPE, DTYPE_CODES, kserve_name
 from engine.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -23,7 +24,6 @@ from engine.errors import (
     InternalError,
     InvalidArgument,
     ModelError,
-    ResourceExhausted,
     Unavailable,
 )
 from engine.metrics import NO_BATCH_METRICS, BatchObserver
@@ -31,32 +31,24 @@ from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
     F_INFLIGHT,
-    FLAG_BATCHED,
-    HEADER_BYTES,
     KIND_CANCEL,
     KIND_ERROR,
     KIND_RELEASE,
     KIND_REQUEST,
     KIND_RESPONSE,
     NO_REGION,
-    REGION_HEADER,
-    REQ_MAGIC,
-    RES_MAGIC,
-    STAT_INDEX,
     STAT_NAMES,
-    TENSOR_DESC,
-    TENSOR_DESC_DTYPE,
     BoardLayout,
-    frontend_arena_name,
-    pack_region_head,
-    region_layout,
 )
 from engine.worker.batcher import Batcher
 from engine.worker.breaker import CLOSED, STATE_NAMES, CircuitBreaker
+from engine.worker.peers import Peer
+from engine.worker.regions import OutputRegion, Pending, parse_request, write_outputs
+from engine.worker.stats import add_stat, count_batch
 from ext.arena import Arena
 from ext.notify import EventNotifier, WakeWord, wait_rings
 from ext.ring import DESC_DTYPE, Ring
-from ext.segment import KIND_ARENA, Segment
+from ext.segment import Segment
 
 log = logging.getLogger("engine.worker")
 
@@ -69,43 +61,6 @@ DOZE_MAX_S = 0.002
 
 #: computes one batch: (spec, model index, inputs[j][i], rows) -> outputs
 RunBatch = Callable[[ModelSpec, int, Sequence[Sequence[np.ndarray]], int], list[np.ndarray]]
-
-
-@dataclass(slots=True)
-class Pending:
-    """One admitted request waiting in a batcher."""
-
-    f: int
-    fgen: int
-    req_id: int
-    model: int
-    rows: int
-    group: Hashable
-    deadline_ns: int
-    arrival_ns: int
-    output_mask: int
-    inputs: list[np.ndarray] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class _Region:
-    remaining: int
-    holders: dict[int, int]  # front-end index -> requests of the batch it still has to release
-
-
-class _Peer:
-    """What the worker keeps about one front-end slot."""
-
-    __slots__ = ("acked", "arena", "backlog", "f", "notifier", "request", "response")
-
-    def __init__(self, f: int, request: Ring, response: Ring, notifier: EventNotifier) -> None:
-        self.f = f
-        self.request = request
-        self.response = response
-        self.notifier = notifier
-        self.acked = 0  # front-end generation taken; 0 = none yet
-        self.arena: Arena | None = None
-        self.backlog: list[tuple[int, ...]] = []
 
 
 class WorkerCore:
@@ -143,7 +98,7 @@ class WorkerCore:
         self.clock = clock
         self.word = WakeWord(control, layout.worker(w, 64))
         self.peers = [
-            _Peer(
+            Peer(
                 f,
                 Ring.attach(control, layout.request_ring(f, w)),
                 Ring.attach(control, layout.response_ring(f, w)),
@@ -172,9 +127,9 @@ class WorkerCore:
         self._gap_ns = [0.0] * len(self.specs)
         self._compute_ns = [0.0] * len(self.specs)
         self._last_arrival = [0] * len(self.specs)
-        self.regions: dict[int, _Region] = {}
+        self.regions: dict[int, OutputRegion] = {}
         self._buf = np.empty(256, dtype=DESC_DTYPE)
-        self._active: list[_Peer] = []
+        self._active: list[Peer] = []
         self._to_wake: set[int] = set()
 
     # ---- peers --------------------------------------------------------------------------------
@@ -195,7 +150,7 @@ class WorkerCore:
                 active.append(peer)
         self._active = active
 
-    def _forget_frontend(self, peer: _Peer) -> None:
+    def _forget_frontend(self, peer: Peer) -> None:
         for batcher in self.batchers:
             if len(batcher):
                 # requests of the dead incarnation: nobody waits for them any more
@@ -211,18 +166,7 @@ class WorkerCore:
                     del self.regions[off]
                     self.arena.free(off)
         peer.backlog.clear()
-        if peer.arena is not None:
-            peer.arena.close()
-            peer.arena.segment.close()
-            peer.arena = None
-
-    def _peer_arena(self, peer: _Peer) -> Arena:
-        if peer.arena is None:
-            seg = Segment.attach(
-                frontend_arena_name(self.base, peer.f, peer.acked), KIND_ARENA, writable=False
-            )
-            peer.arena = Arena.attach(seg)
-        return peer.arena
+        peer.drop_arena()
 
     # ---- one step ------------------------------------------------------------------------------
 
@@ -260,7 +204,7 @@ class WorkerCore:
         times = [t for b in self.batchers if (t := b.next_wakeup_ns()) is not None]
         return min(times) if times else None
 
-    def _drain(self, peer: _Peer) -> int:
+    def _drain(self, peer: Peer) -> int:
         total = 0
         while True:
             n = peer.request.pop_into(self._buf)
@@ -286,7 +230,7 @@ class WorkerCore:
 
     def _admit(
         self,
-        peer: _Peer,
+        peer: Peer,
         req_id: int,
         offset: int,
         length: int,
@@ -306,7 +250,18 @@ class WorkerCore:
             breaker = self.breakers[model]
             if not breaker.allow(now):
                 raise self._breaker_error(model, now)
-            pending = self._parse(peer, spec, req_id, offset, length, deadline, model, now)
+            pending = parse_request(
+                peer.input_arena(self.base),
+                peer.f,
+                peer.acked,
+                spec,
+                req_id,
+                offset,
+                length,
+                deadline,
+                model,
+                now,
+            )
         except EngineError as err:
             self._respond_error(peer.f, req_id, model, err)
             return
@@ -318,63 +273,6 @@ class WorkerCore:
         if last:
             self._gap_ns[model] = 0.75 * self._gap_ns[model] + 0.25 * (now - last)
         self.batchers[model].add(pending)
-
-    def _parse(
-        self,
-        peer: _Peer,
-        spec: ModelSpec,
-        req_id: int,
-        offset: int,
-        length: int,
-        deadline: int,
-        model: int,
-        now: int,
-    ) -> Pending:
-        arena = self._peer_arena(peer)
-        magic, n, _flags, mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES).data)
-        if magic != REQ_MAGIC or n != len(spec.inputs):
-            raise InvalidArgument(f"bad request region (magic {magic:#x}, {n} inputs)")
-        if HEADER_BYTES + n * TENSOR_DESC_DTYPE.itemsize > length:
-            raise InvalidArgument("request region shorter than its header")
-        descs = arena.view(offset + HEADER_BYTES, (n,), TENSOR_DESC_DTYPE)
-        inputs = []
-        rows = 1
-        dims_key: list[tuple[int, ...]] = []
-        for j, tspec in enumerate(spec.inputs):
-            code, ndim, _p0, _p1, d_off, nbytes, dims = descs[j].tolist()
-            if CODE_TO_DTYPE.get(code) != tspec.datatype or not 0 <= ndim <= 8:
-                raise InvalidArgument(f"input {tspec.name}: bad dtype code {code} or rank {ndim}")
-            shape = tuple(dims[:ndim])
-            if d_off + nbytes > length:
-                raise InvalidArgument(f"input {tspec.name}: data runs past the request region")
-            arr = arena.view(offset + d_off, shape, tspec.dtype)
-            if arr.nbytes != nbytes:
-                raise InvalidArgument(f"input {tspec.name}: {nbytes} bytes for shape {list(shape)}")
-            inputs.append(arr)
-            if spec.max_batch_size > 0:
-                if ndim == 0:
-                    raise InvalidArgument(f"input {tspec.name}: a batching model needs a batch dimension")
-                if j == 0:
-                    rows = shape[0]
-                elif shape[0] != rows:
-                    raise InvalidArgument("inputs disagree on the batch size")
-                dims_key.append(shape[1:])
-            else:
-                dims_key.append(shape)
-        if spec.max_batch_size > 0 and not 1 <= rows <= spec.max_batch_size:
-            raise InvalidArgument(f"batch of {rows} rows exceeds max_batch_size {spec.max_batch_size}")
-        return Pending(
-            f=peer.f,
-            fgen=peer.acked,
-            req_id=req_id,
-            model=model,
-            rows=rows if spec.max_batch_size > 0 else 1,
-            group=tuple(dims_key),
-            deadline_ns=deadline,
-            arrival_ns=now,
-            output_mask=mask,
-            inputs=inputs,
-        )
 
     def _release(self, f: int, offset: int, gen: int) -> None:
         if gen != self.gen:
@@ -397,7 +295,7 @@ class WorkerCore:
             for m, batcher in enumerate(self.batchers):
                 for p in batcher.pop_expired(now):
                     self._cancelled.discard((p.f, p.req_id))
-                    self._stat(m, "expired", 1)
+                    add_stat(self.control, self._stat_base[m], "expired", 1)
                     self._respond_error(
                         p.f,
                         p.req_id,
@@ -448,16 +346,16 @@ class WorkerCore:
         breaker = self.breakers[m]
         if not breaker.allow(start):
             err = self._breaker_error(m, start)
-            self._stat(m, "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", len(live))
             for p in live:
                 self._respond_error(p.f, p.req_id, m, err)
             return
         try:
             inputs = [[p.inputs[j] for p in live] for j in range(len(spec.inputs))]
             outputs = self.run_batch(spec, m, inputs, rows)
-            offset, total = self._write_outputs(outputs, spec.max_batch_size > 0)
+            offset, total = write_outputs(self.arena, outputs, spec.max_batch_size > 0)
         except EngineError as err:
-            self._stat(m, "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", len(live))
             if isinstance(err, ModelError):
                 self._breaker_record(m, False)
             for p in live:
@@ -465,7 +363,7 @@ class WorkerCore:
             return
         except Exception as exc:  # an engine bug must not take the worker down
             log.exception("worker %s: batch of model %s failed", self.w, spec.name)
-            self._stat(m, "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", len(live))
             for p in live:
                 self._respond_error(p.f, p.req_id, m, InternalError(f"{type(exc).__name__}: {exc}"))
             return
@@ -477,17 +375,11 @@ class WorkerCore:
             holders[p.f] = holders.get(p.f, 0) + 1
             self._push(p.f, (p.req_id, offset, total, 0, row, p.rows, KIND_RESPONSE, m, 0, self.gen))
             row += p.rows
-        self.regions[offset] = _Region(len(live), holders)
+        self.regions[offset] = OutputRegion(len(live), holders)
         if breaker.state != CLOSED:
             self._breaker_record(m, True)
-        self._stat(m, "success", len(live))
-        self._stat(m, "batches", 1)
-        self._stat(m, "rows", rows)
-        self._stat(m, "queue_ns", sum(start - p.arrival_ns for p in live))
-        self._stat(m, "compute_ns", end - start)
-        self._stat(m, "compute_req_ns", (end - start) * len(live))
-        self._stat(m, f"batch_le_{_bucket(rows)}", 1)
-        self._stat(m, f"batch_ns_le_{_bucket(rows)}", end - start)
+        queue_ns = sum(start - p.arrival_ns for p in live)
+        count_batch(self.control, self._stat_base[m], len(live), rows, queue_ns, end - start)
         self.observer.batch(m, live, start, end)
 
     def _sparse(self, m: int, batcher: Batcher[Pending]) -> bool:
@@ -539,22 +431,6 @@ class WorkerCore:
             self.control.store_u64(self.layout.stat(self.w, m, "breaker_state"), breaker.state)
             self.control.store_u64(self.layout.stat(self.w, m, "breaker_trips"), breaker.trips)
 
-    def _write_outputs(self, outputs: list[np.ndarray], batched: bool) -> tuple[int, int]:
-        total, offs = region_layout([o.nbytes for o in outputs])
-        offset = self.arena.try_alloc(total)
-        if offset < 0:
-            raise ResourceExhausted("worker output arena is full; retry")
-        pack_region_head(
-            self.arena.view(offset, HEADER_BYTES + TENSOR_DESC.size * len(outputs)).data,
-            RES_MAGIC,
-            FLAG_BATCHED if batched else 0,
-            0,
-            [(DTYPE_CODES[_kserve(o.dtype)], o.shape, offs[j], o.nbytes) for j, o in enumerate(outputs)],
-        )
-        for j, out in enumerate(outputs):
-            self.arena.write(offset + offs[j], out)
-        return offset, total
-
     # ---- answers -------------------------------------------------------------------------------
 
     def _respond_error(self, f: int, req_id: int, model: int, err: EngineError) -> None:
@@ -565,7 +441,7 @@ class WorkerCore:
             if off >= 0:
                 self.arena.write(off, message)
                 offset, length = off, len(message)
-                self.regions[off] = _Region(1, {f: 1})
+                self.regions[off] = OutputRegion(1, {f: 1})
         self._push(f, (req_id, offset, length, 0, 0, 0, KIND_ERROR, model, err.wire_code, self.gen))
 
     def _push(self, f: int, d: tuple[int, ...]) -> None:
@@ -584,13 +460,6 @@ class WorkerCore:
                 peer.backlog.pop(0)
             peer.notifier.signal()
         self._to_wake = {f for f in self._to_wake if self.peers[f].backlog}
-
-    def _stat(self, model: int, name: str, value: int) -> None:
-        base = self._stat_base[model]
-        if value:
-            self.control.fetch_add_u64(base + 8 * STAT_INDEX[name], value)
-        if name == "batches":
-            self.control.store_u64(base + 8 * STAT_INDEX["last_ns"], time.time_ns())
 
     def drain_all(self, timeout_s: float) -> None:
         """Finish what is queued (used on graceful stop): compute every queued batch now."""
@@ -619,14 +488,3 @@ def _drain(batcher: Batcher[Pending], now: int) -> list[Pending]:
             break
         out.extend(batch)
     return out
-
-
-def _bucket(rows: int) -> int:
-    b = 1
-    while b < rows and b < 512:
-        b <<= 1
-    return min(b, 512)
-
-
-def _kserve(dtype: np.dtype) -> str:
-    return kserve_name(dtype)
