@@ -517,3 +517,55 @@ def test_compare_keeps_the_median_run_of_each_row() -> None:
     median = _median_run(runs)
     assert median["run"] == 3 and median["runs_rps"] == [900.0, 1200.0, 1000.0]
     assert _median_run(runs[:2])["run"] == 1  # even count: the lower middle
+
+
+def test_zmq_target_matches_replies_to_requests_and_checks_them() -> None:
+    import threading
+
+    import zmq
+
+    from bench.load_targets import make_target
+    from servers.zmq_protocol import decode_request, encode_reply
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def echo_out_of_order() -> None:
+        # answers in reverse order of arrival, in pairs: replies must be matched by request id
+        held: list[list[bytes]] = []
+        while not stop.is_set():
+            if not router.poll(20):
+                continue
+            peer, *frames = router.recv_multipart()
+            request = decode_request(frames)
+            x = request.inputs[0]
+            out = np.frombuffer(x.data, np.float32).reshape(x.shape)
+            reply = encode_reply(request.request_id, {"OUTPUT0": out})
+            held.append([peer, *(bytes(f) for f in reply)])
+            if len(held) == 2:
+                for message in reversed(held):
+                    router.send_multipart(message)
+                held.clear()
+
+    server = threading.Thread(target=echo_out_of_order, daemon=True)
+    server.start()
+
+    async def scenario() -> list[str | None]:
+        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=10.0)
+        await target.open()
+        try:
+            calls = [target.slot() for _ in range(8)]
+            return list(await asyncio.gather(*(call(True) for call in calls)))
+        finally:
+            await target.close()
+
+    try:
+        outcomes = asyncio.run(scenario())
+    finally:
+        stop.set()
+        server.join(5)
+        router.close(linger=0)
+        ctx.term()
+    assert outcomes == [None] * 8
