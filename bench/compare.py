@@ -6,7 +6,8 @@ times, interleaved, and keeps each row's median run):
 
 - ``engine``: this engine over the scenario's protocol (gRPC for every named scenario): row (a), the
   one every ratio is taken against; ``engine-zmq`` and ``engine-rest``: the same engine over ZMQ and
-  REST (binary tensors);
+  REST (binary tensors); ``engine-grpcio``: a second engine serving gRPC on grpc.aio
+  (``grpc_transport=grpcio``) instead of the default `servers.grpc_h2`;
 - ``inproc``: the model called in this process with ideal batching: the compute floor (b);
 - ``echo``: a bare grpc.aio echo server on uvloop: the protocol floor (c);
 - ``grpc-torch`` and ``fastapi-torch``: the afternoon servers, plain grpc.aio + torch and FastAPI +
@@ -46,6 +47,7 @@ class Row:
         module: the baseline's module (``bench.baselines.echo_grpc``...).
         echo: the server answers its inputs (the expected answer is the input).
         what: one line for the table's legend.
+        settings: engine config (``KEY=VALUE``) of this row's engine, on top of the run's.
     """
 
     name: str
@@ -54,6 +56,7 @@ class Row:
     module: str = ""
     echo: bool = False
     what: str = ""
+    settings: tuple[str, ...] = ()
 
 
 ROWS: dict[str, Row] = {
@@ -62,6 +65,13 @@ ROWS: dict[str, Row] = {
         Row("engine", "engine", what="(a) this engine, the scenario's protocol"),
         Row("engine-zmq", "engine", "zmq", what="this engine over ZMQ"),
         Row("engine-rest", "engine", "rest", what="this engine over REST, binary tensors"),
+        Row(
+            "engine-grpcio",
+            "engine",
+            "grpc",
+            what="this engine with gRPC on grpc.aio (grpc_transport=grpcio)",
+            settings=("grpc_transport=grpcio",),
+        ),
         Row("inproc", "inproc", what="(b) compute floor: the model in-process, ideal batching"),
         Row(
             "echo",
@@ -117,7 +127,7 @@ def compare(
     runs: dict[str, list[dict[str, Any]]] = {row.name: [] for row in chosen}
     with contextlib.ExitStack() as stack:
         measures: dict[str, Callable[[], dict[str, Any]]] = {}
-        engine: Endpoints | None = None
+        engines: dict[tuple[str, ...], Endpoints] = {}
         for row in chosen:
             row_spec = dataclasses.replace(spec, protocol=row.protocol or spec.protocol)
             if row.kind == "inproc":
@@ -126,9 +136,11 @@ def compare(
                 measures[row.name] = functools.partial(measure_inproc, row_spec, payload)
                 continue
             if row.kind == "engine":
-                if engine is None:
-                    engine = stack.enter_context(launched_server(engine_args(settings)))
-                endpoints, stats = engine, engine_stats(engine, spec.model)
+                if row.settings not in engines:
+                    argv = engine_args([*settings, *row.settings])
+                    engines[row.settings] = stack.enter_context(launched_server(argv))
+                endpoints = engines[row.settings]
+                stats = engine_stats(endpoints, spec.model)
             else:
                 argv = [sys.executable, "-m", row.module] + ([] if row.echo else ["--model", spec.model])
                 endpoints, stats = stack.enter_context(launched(argv)), None

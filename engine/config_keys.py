@@ -19,6 +19,7 @@ from engine.logs import LOG_FORMATS
 
 PROTOCOLS = ("grpc", "rest", "zmq")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+GRPC_TRANSPORTS = ("grpcio", "h2")
 _DEVICE_RE = re.compile(r"^(cpu|cuda:\d+)$")
 
 
@@ -119,6 +120,13 @@ def _log_format(key: str, value: Any) -> str:
     return str(fmt)
 
 
+def _grpc_transport(key: str, value: Any) -> str:
+    name = value.lower() if isinstance(value, str) else value
+    if name not in GRPC_TRANSPORTS:
+        raise ConfigError(key, value, f"unknown gRPC transport; choose from {', '.join(GRPC_TRANSPORTS)}")
+    return str(name)
+
+
 def _fraction(key: str, value: Any) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= 1:
         raise ConfigError(key, value, "expected a fraction in (0, 1], e.g. 0.01 to keep one request in 100")
@@ -152,6 +160,7 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "rest_port": _PORT,
     "protocols": _protocols,
     "grpc_frontends": _COUNT,
+    "grpc_transport": _grpc_transport,
     "rest_frontends": _COUNT,
     "zmq_frontends": _COUNT,
     "devices": _devices,

@@ -85,6 +85,7 @@ def process_entry(supervisor: Supervisor, child: Child) -> tuple[Callable[[Any],
             # what the gateway admits, plus room for the requests it refuses itself
             max_inflight=2 * cfg.max_inflight_per_frontend,
             auth_health_open=cfg.auth_health_open,
+            grpc_transport=cfg.grpc_transport,
         ),
         heartbeat_interval_s=cfg.heartbeat_interval_s,
         log_level=cfg.log_level,

@@ -116,3 +116,5 @@ class FrontendSettings:
     #: RESOURCE_EXHAUSTED itself, so that overload never queues without bound below the gateway
     max_inflight: int = 4096
     auth_health_open: bool = True
+    #: ``grpcio`` (grpc.aio) or ``h2`` (`servers.grpc_h2`); gRPC only
+    grpc_transport: str = "h2"

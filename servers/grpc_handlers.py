@@ -158,23 +158,32 @@ def _lenient_handler(handler: grpc.RpcMethodHandler, hot: bool) -> grpc.RpcMetho
     return handler
 
 
-def generic_handlers(servicer: Any, health: Any) -> tuple[grpc.GenericRpcHandler, ...]:
-    """The handlers of both services, for ``server.add_generic_rpc_handlers``.
+def method_table(servicer: Any, health: Any) -> dict[str, grpc.RpcMethodHandler]:
+    """Every method of both services by full path (``/inference.GRPCInferenceService/ModelInfer``).
 
     ``servicer`` is a `servers.grpc_server.InferenceServicer` (its `HOT_METHODS` answer wire bytes
     and check for `Malformed` themselves), ``health`` a `servers.grpc_health.HealthServicer`.
 
     Built from the generated method tables (same full method names, same (de)serializers), with
-    lenient deserializers: a malformed request message is answered INVALID_ARGUMENT, an unknown
-    method UNIMPLEMENTED (by grpc).
+    lenient deserializers: a malformed request message is answered INVALID_ARGUMENT.
     """
-    handlers = []
+    table = {}
     for add_to_server, target in (
         (pb_grpc.add_GRPCInferenceServiceServicer_to_server, servicer),
         (health_pb2_grpc.add_HealthServicer_to_server, health),
     ):
-        service, table = _generated_table(add_to_server, target)
+        service, methods = _generated_table(add_to_server, target)
         hot = HOT_METHODS if target is servicer else frozenset()
-        lenient = {method: _lenient_handler(handler, method in hot) for method, handler in table.items()}
-        handlers.append(grpc.method_handlers_generic_handler(service, lenient))
-    return tuple(handlers)
+        for method, handler in methods.items():
+            table[f"/{service}/{method}"] = _lenient_handler(handler, method in hot)
+    return table
+
+
+def generic_handlers(servicer: Any, health: Any) -> tuple[grpc.GenericRpcHandler, ...]:
+    """`method_table` as generic handlers, for ``server.add_generic_rpc_handlers`` (an unknown
+    method is then answered UNIMPLEMENTED by grpc)."""
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for path, handler in method_table(servicer, health).items():
+        service, method = path[1:].split("/")
+        services.setdefault(service, {})[method] = handler
+    return tuple(grpc.method_handlers_generic_handler(s, methods) for s, methods in services.items())

@@ -35,7 +35,7 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_health
 from servers.gateway_api import FrontendSettings, Gateway
-from servers.grpc_handlers import BearerAuth, Malformed, generic_handlers, refuse
+from servers.grpc_handlers import BearerAuth, Malformed, generic_handlers, method_table, refuse
 from servers.grpc_messages import (
     ModelCache,
     encode_infer_response,
@@ -330,6 +330,9 @@ async def serve(
         OSError: the address could not be bound.
     """
     prefix = f"frontend grpc#{settings.instance}"
+    if settings.grpc_transport == "h2":
+        await _serve_h2(gateway, settings, on_bound, stop, prefix)
+        return
     options = [
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -356,6 +359,42 @@ async def serve(
     try:
         log.info(
             "%s: serving on %s (max message %d bytes%s)",
+            prefix,
+            _address(settings.host, port),
+            settings.max_message_bytes,
+            ", SO_REUSEPORT" if settings.reuse_port else "",
+        )
+        on_bound(port)
+        await stop.wait()
+        log.info("%s: stopping (grace %.1fs)", prefix, GRACE_S)
+    finally:
+        await server.stop(GRACE_S)
+
+
+async def _serve_h2(
+    gateway: Gateway,
+    settings: FrontendSettings,
+    on_bound: Callable[[int], None],
+    stop: asyncio.Event,
+    prefix: str,
+) -> None:
+    """`serve` with ``grpc_transport: h2``: the same methods on `servers.grpc_h2.H2GrpcServer`."""
+    from servers.grpc_h2 import H2GrpcServer
+
+    server = H2GrpcServer(
+        method_table(InferenceServicer(gateway, prefix), grpc_health.HealthServicer(gateway)),
+        max_message_bytes=settings.max_message_bytes,
+        max_inflight=settings.max_inflight,
+        auth=BearerAuth(settings.auth_tokens, settings.auth_health_open) if settings.auth_tokens else None,
+        health_open=settings.auth_health_open,
+    )
+    try:
+        port = await server.start(settings.host, settings.port, settings.reuse_port)
+    except OSError as exc:
+        raise OSError(f"{prefix}: cannot bind {_address(settings.host, settings.port)}: {exc}") from exc
+    try:
+        log.info(
+            "%s: serving on %s over h2 (max message %d bytes%s)",
             prefix,
             _address(settings.host, port),
             settings.max_message_bytes,

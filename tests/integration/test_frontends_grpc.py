@@ -1,6 +1,8 @@
 """The gRPC front-end of a real server: inference on every built-in model, metadata, health, error
 mapping, malformed messages and unknown methods, deadlines, the message size limit, a multi-MiB answer,
-500 concurrent calls with batching, and one stream with 1,000 requests in flight."""
+500 concurrent calls with batching, and one stream with 1,000 requests in flight.
+
+Every test runs against both gRPC transports (``grpc_transport``): grpc.aio and `servers.grpc_h2`."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tests.integration.server import (
     builtin_specs,
     reference_outputs,
     sample_inputs,
+    serving,
 )
 
 #: The client's own limits sit far above the server's 8 MiB, so the size test meets the server's.
@@ -31,6 +34,13 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
 ]
 RPC_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="module", params=["grpcio", "h2"])
+def engine_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
+    """The module's server, once per gRPC transport (overrides the conftest fixture)."""
+    with serving(["--set", f"grpc_transport={request.param}"]) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,12 @@ def test_grpc_frontends_default_follows_cpu_count(
     assert (cfg.grpc_frontends, cfg.rest_frontends, cfg.zmq_frontends) == (grpc, 1, 1)
 
 
+def test_grpc_transport_defaults_to_h2_and_takes_either_name() -> None:
+    assert EngineConfig().grpc_transport == "h2"
+    assert load_config(["--set", "grpc_transport=GRPCIO"], {}).grpc_transport == "grpcio"
+    assert load_config([], {"ENGINE_GRPC_TRANSPORT": "h2"}).grpc_transport == "h2"
+
+
 def test_in_container_binds_every_interface_unless_host_is_given() -> None:
     assert load_config([], {"ENGINE_IN_CONTAINER": "1"}).host == "0.0.0.0"
     assert load_config(["--host", "10.0.0.5"], {"ENGINE_IN_CONTAINER": "1"}).host == "10.0.0.5"
@@ -116,6 +122,7 @@ BAD_VALUES = [
     (["--rest-port", "70000"], {}, "rest_port", "70000", "between 0 and 65535"),
     ([], {"ENGINE_ZMQ_PORT": "abc"}, "zmq_port", "abc", "expected an integer"),
     (["--set", "ring_capacity=1000"], {}, "ring_capacity", "1000", "power of two"),
+    (["--set", "grpc_transport=http3"], {}, "grpc_transport", "http3", "choose from grpcio, h2"),
     ([], {"ENGINE_RING_CAPACITY": "0"}, "ring_capacity", "0", "between 2"),
     (["--log-level", "loud"], {}, "log_level", "loud", "DEBUG, INFO"),
     ([], {"ENGINE_PROTOCOLS": "grpc,http"}, "protocols", "http", "unknown protocol"),

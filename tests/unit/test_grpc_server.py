@@ -2,6 +2,7 @@
 
 Each server runs `servers.grpc_server.serve` on uvloop in a background thread on an ephemeral port; the
 clients run in the test's thread. Fixtures stop the server (and join its thread) even when a test fails.
+Every test runs once per gRPC transport: grpc.aio (``grpcio``) and `servers.grpc_h2` (``h2``).
 """
 
 from __future__ import annotations
@@ -95,8 +96,20 @@ class RunningServer:
         assert not self._thread.is_alive(), "serve() did not return after stop was set"
 
 
+#: the gRPC transport the servers of the current module parameter run on (see `transport`)
+_transport = {"name": "h2"}
+
+
+@pytest.fixture(scope="module", params=["grpcio", "h2"], autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test of this module runs on both gRPC transports (``grpc_transport``)."""
+    _transport["name"] = request.param
+    yield request.param
+
+
 @contextmanager
 def running(gateway: Any = None, **settings: Any) -> Iterator[RunningServer]:
+    settings.setdefault("grpc_transport", _transport["name"])
     server = RunningServer(gateway or FakeGateway(), FrontendSettings(**settings))
     try:
         yield server
@@ -106,7 +119,7 @@ def running(gateway: Any = None, **settings: Any) -> Iterator[RunningServer]:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[RunningServer]:
+def server(transport: str) -> Iterator[RunningServer]:
     with running() as srv:
         yield srv
 

@@ -1,0 +1,337 @@
+"""`servers.grpc_h2.H2GrpcServer` with a small method table of its own, against grpc.aio clients (grpc
+core's HTTP/2) and a raw `h2` client: statuses and their messages, deadlines, client cancels,
+flow control of large answers, size and concurrency limits, compression, streaming both ways, bearer
+tokens, a graceful stop, and bytes that are not HTTP/2. (The engine's own servicers on this transport:
+tests/unit/test_grpc_server.py and tests/integration/test_frontends_grpc.py run on both transports.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+import uvloop
+
+from servers.grpc_h2 import H2GrpcServer, encode_message, parse_timeout
+from servers.grpc_handlers import BearerAuth
+
+MAX = 1 << 20
+TIMEOUT_S = 20.0
+
+
+class Handlers:
+    """The method table under test, and what its handlers saw."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.cancelled = 0
+        self.started = 0
+
+    async def echo(self, request: bytes, context: Any) -> bytes:
+        return request
+
+    async def big(self, request: bytes, context: Any) -> bytes:
+        n = int(request)
+        return bytes(i % 251 for i in range(n))
+
+    async def block(self, request: bytes, context: Any) -> bytes:
+        self.started += 1
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return b"released"
+
+    async def abort(self, request: bytes, context: Any) -> bytes:
+        await context.abort(grpc.StatusCode.NOT_FOUND, request.decode())
+        raise AssertionError("abort returned")
+
+    async def fail(self, request: bytes, context: Any) -> bytes:
+        raise RuntimeError("boom")
+
+    async def count(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for i in range(int(request)):
+            yield b"%d" % i
+
+    async def chat(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        while (message := await context.read()) is not grpc.aio.EOF:
+            await context.write(message.upper())
+
+    async def metadata(self, request: bytes, context: Any) -> bytes:
+        return repr(sorted(context.invocation_metadata())).encode()
+
+    def table(self) -> dict[str, grpc.RpcMethodHandler]:
+        unary = grpc.unary_unary_rpc_method_handler
+        return {
+            "/t.T/Echo": unary(self.echo),
+            "/t.T/Big": unary(self.big),
+            "/t.T/Block": unary(self.block),
+            "/t.T/Abort": unary(self.abort),
+            "/t.T/Fail": unary(self.fail),
+            "/t.T/Metadata": unary(self.metadata),
+            "/t.T/Count": grpc.unary_stream_rpc_method_handler(self.count),
+            "/t.T/Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "/grpc.health.v1.Health/Check": unary(self.echo),
+        }
+
+
+Scenario = Callable[[H2GrpcServer, Handlers, grpc.aio.Channel], Awaitable[None]]
+
+
+def run(scenario: Scenario, channel_options: list[tuple[str, Any]] | None = None, **server_args: Any) -> None:
+    """Serve the table on an ephemeral port, run ``scenario`` with a channel to it, stop the server."""
+
+    async def main() -> None:
+        handlers = Handlers()
+        args: dict[str, Any] = {"max_message_bytes": MAX, "max_inflight": 1000}
+        args.update(server_args)
+        server = H2GrpcServer(handlers.table(), **args)
+        port = await server.start("127.0.0.1", 0)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=channel_options) as channel:
+                await asyncio.wait_for(scenario(server, handlers, channel), TIMEOUT_S)
+        finally:
+            handlers.release.set()
+            await server.stop(1.0)
+        assert server.active == 0
+
+    uvloop.run(main())
+
+
+async def status_of(call: Awaitable[Any]) -> tuple[grpc.StatusCode, str]:
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        return err.code(), err.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)
+
+
+def test_parse_timeout_and_message_encoding() -> None:
+    assert parse_timeout(b"100m") == pytest.approx(0.1)
+    assert parse_timeout(b"2S") == 2.0
+    assert parse_timeout(b"5u") == pytest.approx(5e-6)
+    assert parse_timeout(b"") is None
+    assert parse_timeout(b"12x") is None
+    assert parse_timeout(b"123456789S") is None  # more than 8 digits
+    assert encode_message("plain text") == b"plain text"
+    assert encode_message("100% ü") == b"100%25 %C3%BC"
+
+
+def test_many_concurrent_unary_calls_on_one_connection() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        echo = channel.unary_unary("/t.T/Echo")
+        payloads = [b"request %d " % i * (i % 7 + 1) for i in range(300)]
+        answers = await asyncio.gather(*(echo(p, timeout=TIMEOUT_S) for p in payloads))
+        assert answers == payloads
+        assert await echo(b"", timeout=TIMEOUT_S) == b""
+
+    run(scenario)
+
+
+def test_statuses_unknown_method_abort_and_exception() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        assert (await status_of(channel.unary_unary("/t.T/Nope")(b"")))[0] == grpc.StatusCode.UNIMPLEMENTED
+        details = "no such thing: 100% ü"
+        assert await status_of(channel.unary_unary("/t.T/Abort")(details.encode())) == (
+            grpc.StatusCode.NOT_FOUND,
+            details,
+        )
+        code, message = await status_of(channel.unary_unary("/t.T/Fail")(b""))
+        assert code == grpc.StatusCode.UNKNOWN
+        assert "boom" in message
+
+    run(scenario)
+
+
+def test_deadline_ends_a_call_and_cancels_its_handler() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        code, _ = await status_of(channel.unary_unary("/t.T/Block")(b"", timeout=0.3))
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        await until(lambda: handlers.cancelled == 1 and server.active == 0)
+
+    run(scenario)
+
+
+def test_client_cancel_cancels_the_handler() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        call = channel.unary_unary("/t.T/Block")(b"", timeout=TIMEOUT_S)
+        await until(lambda: handlers.started == 1)
+        call.cancel()
+        await until(lambda: handlers.cancelled == 1 and server.active == 0)
+        assert await channel.unary_unary("/t.T/Echo")(b"still serving", timeout=TIMEOUT_S) == b"still serving"
+
+    run(scenario)
+
+
+def test_large_answers_wait_for_the_peers_flow_control_window() -> None:
+    # without BDP probing the client's windows stay at 64 KiB: a 900 KiB answer needs ~14 window updates
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        big = channel.unary_unary("/t.T/Big")
+        sizes = [900_000, 70_000, 65_535, 65_536, 1]
+        answers = await asyncio.gather(*(big(b"%d" % n, timeout=TIMEOUT_S) for n in sizes))
+        for n, answer in zip(sizes, answers, strict=True):
+            assert answer == bytes(i % 251 for i in range(n))
+
+    run(scenario, channel_options=[("grpc.http2.bdp_probe", 0), ("grpc.max_receive_message_length", MAX)])
+
+
+def test_messages_over_the_limit_are_resource_exhausted() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        code, message = await status_of(channel.unary_unary("/t.T/Echo")(b"x" * (MAX + 1), timeout=TIMEOUT_S))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "larger than max" in message
+        code, message = await status_of(channel.unary_unary("/t.T/Big")(b"%d" % (MAX + 1), timeout=TIMEOUT_S))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await channel.unary_unary("/t.T/Echo")(b"ok", timeout=TIMEOUT_S) == b"ok"
+
+    run(scenario, channel_options=[("grpc.max_receive_message_length", 4 * MAX)])
+
+
+def test_calls_over_max_inflight_are_refused() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        block = channel.unary_unary("/t.T/Block")
+        held = [block(b"", timeout=TIMEOUT_S) for _ in range(2)]
+        await until(lambda: handlers.started == 2)
+        code, message = await status_of(block(b"", timeout=TIMEOUT_S))
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit" in message
+        handlers.release.set()
+        assert await asyncio.gather(*held) == [b"released", b"released"]
+
+    run(scenario, max_inflight=2)
+
+
+def test_compressed_requests_are_accepted() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        payload = b"compressible " * 1000
+        echo = channel.unary_unary("/t.T/Echo")
+        assert await echo(payload, timeout=TIMEOUT_S, compression=grpc.Compression.Gzip) == payload
+        assert await echo(payload, timeout=TIMEOUT_S, compression=grpc.Compression.Deflate) == payload
+
+    run(scenario)
+
+
+def test_streaming_both_ways() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        answers = [m async for m in channel.unary_stream("/t.T/Count")(b"5", timeout=TIMEOUT_S)]
+        assert answers == [b"0", b"1", b"2", b"3", b"4"]
+
+        async def words() -> AsyncIterator[bytes]:
+            for word in (b"a", b"bc", b"", b"def"):
+                yield word
+
+        chat = channel.stream_stream("/t.T/Chat")(words(), timeout=TIMEOUT_S)
+        assert [m async for m in chat] == [b"A", b"BC", b"", b"DEF"]
+        assert await chat.code() == grpc.StatusCode.OK
+
+    run(scenario)
+
+
+def test_bearer_tokens_and_metadata() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        echo = channel.unary_unary("/t.T/Echo")
+        refused = grpc.StatusCode.UNAUTHENTICATED
+        assert (await status_of(echo(b"", timeout=TIMEOUT_S)))[0] == refused
+        bad = (("authorization", "Bearer wrong"),)
+        assert (await status_of(echo(b"", timeout=TIMEOUT_S, metadata=bad)))[0] == refused
+        good = (("authorization", "Bearer s3cret"), ("x-trace", "abc"), ("x-blob-bin", b"\x00\xff"))
+        assert await echo(b"in", timeout=TIMEOUT_S, metadata=good) == b"in"
+        seen = await channel.unary_unary("/t.T/Metadata")(b"", timeout=TIMEOUT_S, metadata=good)
+        assert b"('x-trace', 'abc')" in seen
+        assert b"('x-blob-bin', b'\\x00\\xff')" in seen
+        # health checks are open to orchestrator probes
+        assert await channel.unary_unary("/grpc.health.v1.Health/Check")(b"h", timeout=TIMEOUT_S) == b"h"
+
+    run(scenario, auth=BearerAuth(("s3cret",)), health_open=True)
+
+
+def test_stop_lets_calls_in_flight_finish_and_refuses_new_ones() -> None:
+    async def main() -> None:
+        handlers = Handlers()
+        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=100)
+        port = await server.start("127.0.0.1", 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            block = channel.unary_unary("/t.T/Block")
+            held = block(b"", timeout=TIMEOUT_S)
+            await until(lambda: handlers.started == 1)
+            stopping = asyncio.create_task(server.stop(TIMEOUT_S))
+            await until(lambda: server.stopping)
+            code, _ = await status_of(channel.unary_unary("/t.T/Echo")(b"", timeout=TIMEOUT_S))
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert not stopping.done()
+            handlers.release.set()
+            assert await held == b"released"
+            await asyncio.wait_for(stopping, TIMEOUT_S)
+            # a call still running when the grace period ends is answered, not left hanging
+        handlers2 = Handlers()
+        server2 = H2GrpcServer(handlers2.table(), max_message_bytes=MAX, max_inflight=100)
+        port2 = await server2.start("127.0.0.1", 0)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port2}") as channel:
+            held = channel.unary_unary("/t.T/Block")(b"", timeout=TIMEOUT_S)
+            await until(lambda: handlers2.started == 1)
+            await server2.stop(0.2)
+            assert (await status_of(held))[0] == grpc.StatusCode.UNAVAILABLE
+            assert handlers2.cancelled == 1
+
+    uvloop.run(main())
+
+
+def test_bytes_that_are_not_http2_close_only_that_connection() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        port = channel_port(server)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        while await reader.read(65536):  # the server's SETTINGS and GOAWAY, then EOF
+            pass
+        writer.close()
+        assert await channel.unary_unary("/t.T/Echo")(b"fine", timeout=TIMEOUT_S) == b"fine"
+
+    run(scenario)
+
+
+def test_a_foreign_content_type_is_answered_415() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", channel_port(server))
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        client = h2.connection.H2Connection(config)
+        client.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.T/Echo"),
+            (":authority", "x"),
+            ("content-type", "text/plain"),
+        ]
+        client.send_headers(1, headers, end_stream=True)
+        writer.write(client.data_to_send())
+        status = None
+        while status is None:
+            data = await reader.read(65536)
+            assert data, "the server hung up without answering"
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[":status"]
+            writer.write(client.data_to_send())
+        assert status == "415"
+        writer.close()
+
+    run(scenario)
+
+
+def channel_port(server: H2GrpcServer) -> int:
+    assert server._server is not None
+    return int(server._server.sockets[0].getsockname()[1])
