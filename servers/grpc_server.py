@@ -1,9 +1,11 @@
 """The gRPC front-end: KServe v2 / Triton ``inference.GRPCInferenceService`` plus ``grpc.health.v1``.
 
 `serve` runs one front-end process's server (the caller provides the event loop, uvloop in
-production); `InferenceServicer` answers each RPC from a `servers.gateway_api.Gateway`.
+production); `InferenceServicer` answers each RPC from a `servers.gateway_api.Gateway`. The HTTP/2
+under it is `servers.grpc_h2` (``grpc_transport: h2``, the default) or grpc.aio (``grpcio``): the
+same method table, the same statuses.
 
-Request path of ModelInfer: protobuf parses the request (grpc refuses one larger than
+Request path of ModelInfer: protobuf parses the request (the transport refuses one larger than
 ``max_message_bytes`` with RESOURCE_EXHAUSTED before we see it), the raw input bytes go to the gateway
 as they are (its copy into shared memory is the one copy), and each output is copied once out of
 shared memory into the response's wire bytes (`servers.grpc_messages.encode_infer_response`) before
