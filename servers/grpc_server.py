@@ -324,7 +324,7 @@ async def serve(
 
     Args:
         gateway: answers every RPC.
-        settings: address, message size limit, SO_REUSEPORT, bearer tokens, instance number.
+        settings: address, message size limit, SO_REUSEPORT, bearer tokens, instance number, transport.
         on_bound: called once with the bound port, after the server has started.
         stop: set it to stop; in-flight RPCs get `GRACE_S` seconds to finish.
 
@@ -332,9 +332,29 @@ async def serve(
         OSError: the address could not be bound.
     """
     prefix = f"frontend grpc#{settings.instance}"
-    if settings.grpc_transport == "h2":
-        await _serve_h2(gateway, settings, on_bound, stop, prefix)
-        return
+    start = _start_h2 if settings.grpc_transport == "h2" else _start_grpcio
+    port, stop_server = await start(gateway, settings, prefix)
+    try:
+        log.info(
+            "%s: serving on %s over %s (max message %d bytes%s)",
+            prefix,
+            _address(settings.host, port),
+            settings.grpc_transport,
+            settings.max_message_bytes,
+            ", SO_REUSEPORT" if settings.reuse_port else "",
+        )
+        on_bound(port)
+        await stop.wait()
+        log.info("%s: stopping (grace %.1fs)", prefix, GRACE_S)
+    finally:
+        await stop_server(GRACE_S)
+
+
+#: a started server: its bound port, and how to stop it with a grace period in seconds
+Started = tuple[int, Callable[[float], Awaitable[None]]]
+
+
+async def _start_grpcio(gateway: Gateway, settings: FrontendSettings, prefix: str) -> Started:
     options = [
         ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
         ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -358,29 +378,10 @@ async def serve(
     except RuntimeError as exc:  # grpc raises RuntimeError when it cannot bind
         raise OSError(f"{prefix}: cannot bind {address}: {exc}") from exc
     await server.start()
-    try:
-        log.info(
-            "%s: serving on %s (max message %d bytes%s)",
-            prefix,
-            _address(settings.host, port),
-            settings.max_message_bytes,
-            ", SO_REUSEPORT" if settings.reuse_port else "",
-        )
-        on_bound(port)
-        await stop.wait()
-        log.info("%s: stopping (grace %.1fs)", prefix, GRACE_S)
-    finally:
-        await server.stop(GRACE_S)
+    return port, server.stop
 
 
-async def _serve_h2(
-    gateway: Gateway,
-    settings: FrontendSettings,
-    on_bound: Callable[[int], None],
-    stop: asyncio.Event,
-    prefix: str,
-) -> None:
-    """`serve` with ``grpc_transport: h2``: the same methods on `servers.grpc_h2.H2GrpcServer`."""
+async def _start_h2(gateway: Gateway, settings: FrontendSettings, prefix: str) -> Started:
     from servers.grpc_h2 import H2GrpcServer
 
     server = H2GrpcServer(
@@ -394,16 +395,4 @@ async def _serve_h2(
         port = await server.start(settings.host, settings.port, settings.reuse_port)
     except OSError as exc:
         raise OSError(f"{prefix}: cannot bind {_address(settings.host, settings.port)}: {exc}") from exc
-    try:
-        log.info(
-            "%s: serving on %s over h2 (max message %d bytes%s)",
-            prefix,
-            _address(settings.host, port),
-            settings.max_message_bytes,
-            ", SO_REUSEPORT" if settings.reuse_port else "",
-        )
-        on_bound(port)
-        await stop.wait()
-        log.info("%s: stopping (grace %.1fs)", prefix, GRACE_S)
-    finally:
-        await server.stop(GRACE_S)
+    return port, server.stop
