@@ -161,7 +161,8 @@ class H2Context:
         return self._conn.peer
 
     def cancelled(self) -> bool:
-        return self._call.done and self._call.task is not None and self._call.task.cancelled()
+        """Asked by a running handler: its call was ended (client reset, deadline, server stop)."""
+        return self._call.done
 
     def done(self) -> bool:
         return self._call.done
@@ -217,7 +218,11 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
-        self.peer = f"ipv4:{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            family = "ipv6" if ":" in str(peer[0]) else "ipv4"
+            self.peer = f"{family}:{peer[0]}:{peer[1]}"  # grpc's spelling of context.peer()
+        else:
+            self.peer = str(peer)
         self.h2.initiate_connection()
         self.h2.increment_flow_control_window(16 * _WINDOW)
         self.server.connections.add(self)
