@@ -64,13 +64,22 @@ def targets_table(results_dir: Path) -> str:
     ):
         engine, echo = row_of(scenario, "engine"), row_of(scenario, "echo")
         if engine:
+            # The issue states both: 5,000 req/s, "i.e. at least 0.7x the bare echo floor measured in
+            # the same run" (its reference machine ran echo at 6,600-7,700). Shown apart, so a
+            # machine's speed and the engine's overhead are not read as one.
             ratio = engine["rps"] / echo["rps"] if echo and echo["rps"] else None
             add(
-                f"gRPC c={c} req/s",
-                ">= 5,000 and >= 0.7x echo, 0 errors",
-                f"{engine['rps']:.0f} ({_f(ratio)}x echo {_f(echo and echo['rps'], '.0f')}), "
+                f"gRPC c={c} req/s vs echo",
+                ">= 0.7x the echo floor of the same run, 0 errors",
+                f"{_f(ratio)}x ({engine['rps']:.0f} / echo {_f(echo and echo['rps'], '.0f')}), "
                 f"errors {engine['errors']}",
-                engine["rps"] >= 5000 and (ratio or 0) >= 0.7 and engine["errors"] == 0,
+                None if ratio is None else ratio >= 0.7 and engine["errors"] == 0,
+            )
+            add(
+                f"gRPC c={c} req/s absolute",
+                ">= 5,000 (where echo did 6,600-7,700)",
+                f"{engine['rps']:.0f}",
+                engine["rps"] >= 5000,
             )
             value = engine[latency_key]
             add(
