@@ -80,6 +80,7 @@ RECV_BATCH = 256
 
 _POLLIN = int(zmq.POLLIN)
 _NOBLOCK = int(zmq.NOBLOCK)
+_MORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 
 async def serve(
@@ -351,8 +352,13 @@ class ZmqFrontend:
             log.warning("%s: reply not sent: the socket is closed", self.prefix)
             return
         try:
-            parts: list[Any] = [peer, *frames]
-            sock.send_multipart(parts, _NOBLOCK, copy=True)
+            # send_multipart, without its per-frame enum arithmetic (zmq.SNDMORE | flags builds a
+            # Flag each time: ~1 us a frame, 4-6 frames a reply)
+            send = sock.send
+            parts: tuple[Any, ...] = (peer, *frames)
+            for i in range(len(parts) - 1):
+                send(parts[i], _MORE_NOBLOCK, copy=True)
+            send(parts[-1], _NOBLOCK, copy=True)
         except zmq.ZMQError as exc:
             log.warning("%s: reply not sent: %s", self.prefix, exc)
         self._rearm()
