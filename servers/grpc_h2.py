@@ -257,6 +257,9 @@ class _Connection(asyncio.Protocol):
                     self._drop(call)
             elif isinstance(event, h2.events.WindowUpdated):
                 self._on_window(event.stream_id)
+            elif isinstance(event, h2.events.RemoteSettingsChanged):
+                # a larger INITIAL_WINDOW_SIZE opens every stream's window without a WINDOW_UPDATE
+                self._on_window(0)
             elif isinstance(event, h2.events.ConnectionTerminated) and self.transport is not None:
                 self._write_now()
                 self.transport.close()

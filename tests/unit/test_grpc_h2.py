@@ -16,6 +16,7 @@ import grpc.aio
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 import uvloop
 
@@ -368,3 +369,47 @@ def test_client_keepalive_pings_are_answered() -> None:
         ("grpc.http2.max_pings_without_data", 0),
     ]
     run(scenario, channel_options=options)
+
+
+def test_an_answer_blocked_on_the_window_resumes_when_settings_widen_it() -> None:
+    # the peer's INITIAL_WINDOW_SIZE of 100 bytes stops a 1,000-byte answer; a SETTINGS frame that
+    # widens it (no WINDOW_UPDATE at all) must let the rest go
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", channel_port(server))
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        client = h2.connection.H2Connection(config)
+        client.local_settings = h2.settings.Settings(
+            client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100}
+        )
+        client.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.T/Big"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+        client.send_headers(1, headers)
+        client.send_data(1, b"\0\0\0\0\x041000", end_stream=True)
+        writer.write(client.data_to_send())
+        body = b""
+        widened = False
+        trailers: dict[str, str] = {}
+        while not trailers:
+            data = await reader.read(65536)
+            assert data, "the server hung up"
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers = dict(event.headers)
+            if not widened and len(body) == 100:
+                client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 65535})
+                widened = True
+            writer.write(client.data_to_send())
+        writer.close()
+        assert widened
+        assert trailers["grpc-status"] == "0"
+        assert body == b"\0" + (1000).to_bytes(4, "big") + bytes(i % 251 for i in range(1000))
+
+    run(scenario)
