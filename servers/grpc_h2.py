@@ -18,19 +18,19 @@ request compression is accepted (answers are not compressed), bearer tokens are 
 request is parsed, and a stop lets calls in flight finish for the grace period while new calls are
 refused UNAVAILABLE. Outbound data respects the peer's flow-control windows; inbound windows are
 granted as data is taken (for streams, as the handler reads each message).
+
+Per-call state, the handler's context and the gRPC header formats: `servers.grpc_h2_call`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import logging
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, NoReturn, cast
+from typing import Any, cast
 
 import grpc
 import h2.config
@@ -40,6 +40,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
 
 log = logging.getLogger("servers.grpc_h2")
@@ -47,143 +48,24 @@ log = logging.getLogger("servers.grpc_h2")
 logging.getLogger("hpack").setLevel(logging.WARNING)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-#: headers that are transport, not metadata, in `H2Context.invocation_metadata`
-_NOT_METADATA = frozenset(
-    {b"content-type", b"te", b"grpc-timeout", b"grpc-encoding", b"grpc-accept-encoding", b"user-agent"}
-)
-_TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
 _OK_TRAILERS = ((b"grpc-status", b"0"),)
 #: inbound windows granted per stream (and added to the connection's); larger than 64 KiB so that a
 #: multi-MiB request does not wait a round trip per 64 KiB
 _WINDOW = 1 << 20
-_END = object()
 #: largest frame the peer may send (HTTP/2 default 16 KiB): fewer frames per large message
 _MAX_FRAME = 1 << 20
 
 
-class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
+class Connection(asyncio.Protocol):
+    """One client connection: HTTP/2 by `h2`, each call a `Call` whose handler runs as a task."""
 
-
-def parse_timeout(value: bytes) -> float | None:
-    """Seconds in a ``grpc-timeout`` header (``"100m"`` = 0.1), None when it is not one."""
-    unit = _TIMEOUT_UNITS.get(value[-1:])
-    digits = value[:-1]
-    if unit is None or not digits.isdigit() or len(digits) > 8:
-        return None
-    return int(digits) * unit
-
-
-def encode_message(details: str) -> bytes:
-    """``grpc-message`` value: UTF-8, percent-encoding what is not printable ASCII and ``%``."""
-    raw = details.encode("utf-8", "replace")
-    if all(0x20 <= b <= 0x7E and b != 0x25 for b in raw):
-        return raw
-    return b"".join(bytes((b,)) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in raw)
-
-
-def _metadata_value(key: bytes, value: bytes) -> tuple[str, str | bytes]:
-    name = key.decode("latin-1")
-    if name.endswith("-bin"):
-        with contextlib.suppress(ValueError):
-            return name, base64.b64decode(value + b"=" * (-len(value) % 4))
-    return name, value.decode("latin-1")
-
-
-def _metadata(headers: list[tuple[bytes, bytes]]) -> tuple[tuple[str, str | bytes], ...]:
-    return tuple(_metadata_value(k, v) for k, v in headers if k[:1] != b":" and k not in _NOT_METADATA)
-
-
-class _Call:
-    """One RPC: its stream, handler, request bytes and the state of its answer."""
-
-    __slots__ = (
-        "buf", "code", "deadline", "details", "done", "drained", "encoding", "handler", "headers",
-        "headers_sent", "messages", "path", "pending", "request_closed", "sid", "task", "timer",
-        "trailers", "unacked", "waiter",
-    )  # fmt: skip
-
-    def __init__(
-        self, sid: int, path: str, handler: grpc.RpcMethodHandler, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        self.sid = sid
-        self.path = path
-        self.handler = handler
-        self.headers = headers
-        self.deadline: float | None = None
-        self.buf = bytearray()
-        self.messages: deque[Any] = deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.unacked = 0
-        self.request_closed = False
-        self.task: asyncio.Task[None] | None = None
-        self.headers_sent = False
-        self.pending: deque[memoryview] = deque()
-        self.trailers: tuple[tuple[bytes, bytes], ...] | None = None
-        self.drained: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.done = False
-        self.code: grpc.StatusCode | None = None
-        self.details = ""
-        self.encoding = b""
-
-
-class H2Context:
-    """What a handler gets in place of `grpc.aio.ServicerContext` (the parts the servicers use)."""
-
-    __slots__ = ("_call", "_conn")
-
-    def __init__(self, call: _Call, conn: _Connection) -> None:
-        self._call = call
-        self._conn = conn
-
-    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> NoReturn:
-        raise _Abort(code, details)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self._call.code = code
-
-    def set_details(self, details: str) -> None:
-        self._call.details = details
-
-    def time_remaining(self) -> float | None:
-        deadline = self._call.deadline
-        return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-    def invocation_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
-        return _metadata(self._call.headers)
-
-    def peer(self) -> str:
-        return self._conn.peer
-
-    def cancelled(self) -> bool:
-        """Asked by a running handler: its call was ended (client reset, deadline, server stop)."""
-        return self._call.done
-
-    def done(self) -> bool:
-        return self._call.done
-
-    async def write(self, message: Any) -> None:
-        """Send one response message of a response-streaming call (waits while the peer's window is full)."""
-        await self._conn.send_message(self._call, message)
-
-    async def read(self) -> Any:
-        """The next request message of a request-streaming call, or `grpc.aio.EOF`."""
-        message = await self._conn.next_message(self._call)
-        return grpc.aio.EOF if message is _END else message
-
-
-class _Connection(asyncio.Protocol):
     def __init__(self, server: H2GrpcServer) -> None:
         self.server = server
         self.loop = server.loop
-        self.calls: dict[int, _Call] = {}
+        self.calls: dict[int, Call] = {}
         #: calls with response data waiting for the peer's window
-        self.blocked: set[_Call] = set()
+        self.blocked: set[Call] = set()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._flush_scheduled = False
@@ -291,7 +173,7 @@ class _Connection(asyncio.Protocol):
         server = self.server
         name = path.decode("latin-1")
         handler = server.handlers.get(name)
-        call = _Call(sid, name, handler, headers)
+        call = Call(sid, name, handler, headers)
         self.calls[sid] = call
         server.active += 1
         if handler is None:
@@ -305,7 +187,7 @@ class _Connection(asyncio.Protocol):
             return
         auth = server.auth
         exempt = server.health_open and name.startswith(HEALTH_PREFIX)
-        if auth is not None and not exempt and not auth.authorized(_metadata(headers)):
+        if auth is not None and not exempt and not auth.authorized(metadata(headers)):
             self._finish(call, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
             return
         if encoding is not None and encoding != b"identity":
@@ -360,7 +242,7 @@ class _Connection(asyncio.Protocol):
         else:
             self._ack(sid, event.flow_controlled_length)
 
-    def _take(self, call: _Call, flag: int, message: bytes) -> None:
+    def _take(self, call: Call, flag: int, message: bytes) -> None:
         if flag:
             if not call.encoding:
                 self._finish(call, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
@@ -392,7 +274,7 @@ class _Connection(asyncio.Protocol):
         if call.buf:
             self._finish(call, grpc.StatusCode.INTERNAL, "the request ended inside a message")
         elif call.handler.request_streaming:
-            call.messages.append(_END)
+            call.messages.append(END)
             self._wake_reader(call)
         elif len(call.messages) != 1:
             self._finish(call, grpc.StatusCode.UNIMPLEMENTED, "a unary call needs exactly one message")
@@ -404,13 +286,13 @@ class _Connection(asyncio.Protocol):
             with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 self.h2.acknowledge_received_data(size, sid)
 
-    def _wake_reader(self, call: _Call) -> None:
+    def _wake_reader(self, call: Call) -> None:
         waiter = call.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def next_message(self, call: _Call) -> Any:
-        """The next request message of ``call`` (deserialized), or `_END`."""
+    async def next_message(self, call: Call) -> Any:
+        """The next request message of ``call`` (deserialized), or `END`."""
         while not call.messages:
             call.waiter = self.loop.create_future()
             await call.waiter
@@ -419,12 +301,12 @@ class _Connection(asyncio.Protocol):
             self._ack(call.sid, call.unacked)
             call.unacked = 0
             self._schedule_flush()
-        if raw is _END:
-            call.messages.appendleft(_END)  # every later read is the end too
-            return _END
+        if raw is END:
+            call.messages.appendleft(END)  # every later read is the end too
+            return END
         return self._deserialize(call, raw)
 
-    def _deserialize(self, call: _Call, raw: bytes) -> Any:
+    def _deserialize(self, call: Call, raw: bytes) -> Any:
         parse = call.handler.request_deserializer
         if parse is None:
             return raw
@@ -432,15 +314,15 @@ class _Connection(asyncio.Protocol):
             return parse(raw)
         except Exception as exc:
             log.debug("grpc h2: %s: cannot parse the request: %s", call.path, exc)
-            raise _Abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!") from exc
+            raise Abort(grpc.StatusCode.INTERNAL, "Exception deserializing request!") from exc
 
-    async def _requests(self, call: _Call) -> AsyncIterator[Any]:
-        while (message := await self.next_message(call)) is not _END:
+    async def _requests(self, call: Call) -> AsyncIterator[Any]:
+        while (message := await self.next_message(call)) is not END:
             yield message
 
     # ---- running a call --------------------------------------------------------------------------
 
-    async def _run(self, call: _Call) -> None:
+    async def _run(self, call: Call) -> None:
         handler = call.handler
         context = H2Context(call, self)
         code, details = grpc.StatusCode.OK, ""
@@ -457,7 +339,7 @@ class _Connection(asyncio.Protocol):
                 await self.send_message(call, await handler.stream_unary(self._requests(call), context))
             if call.code is not None:
                 code, details = call.code, call.details
-        except _Abort as abort:
+        except Abort as abort:
             code, details = abort.code, abort.details
         except asyncio.CancelledError:
             if call.done:
@@ -468,14 +350,14 @@ class _Connection(asyncio.Protocol):
             code, details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
         self._finish(call, code, details)
 
-    async def _stream_out(self, call: _Call, context: H2Context, result: Any) -> None:
+    async def _stream_out(self, call: Call, context: H2Context, result: Any) -> None:
         if hasattr(result, "__aiter__"):
             async for message in result:
                 await self.send_message(call, message)
         else:
             await result
 
-    async def send_message(self, call: _Call, message: Any) -> None:
+    async def send_message(self, call: Call, message: Any) -> None:
         """Queue one response message (serialized unless it is wire bytes already)."""
         if call.done:
             raise asyncio.CancelledError()
@@ -483,7 +365,7 @@ class _Connection(asyncio.Protocol):
         payload = message if serialize is None or isinstance(message, bytes) else serialize(message)
         limit = self.server.max_message_bytes
         if len(payload) > limit:
-            raise _Abort(
+            raise Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"Sent message larger than max ({len(payload)} vs. {limit})",
             )
@@ -504,7 +386,7 @@ class _Connection(asyncio.Protocol):
             call.drained = self.loop.create_future()
             await call.drained
 
-    def _send_data(self, call: _Call, data: memoryview) -> None:
+    def _send_data(self, call: Call, data: memoryview) -> None:
         """Send what the windows allow; keep the rest in ``call.pending`` until they open."""
         sid = call.sid
         while data:
@@ -540,7 +422,7 @@ class _Connection(asyncio.Protocol):
                 if call.trailers is not None:
                     self._send_trailers(call)
 
-    def _finish(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
+    def _finish(self, call: Call, code: grpc.StatusCode, details: str) -> None:
         """Answer ``call`` with its status (after any data still waiting for window) and forget it."""
         if call.done:
             return
@@ -560,7 +442,7 @@ class _Connection(asyncio.Protocol):
             self._send_trailers(call)
         self._schedule_flush()
 
-    def _send_trailers(self, call: _Call) -> None:
+    def _send_trailers(self, call: Call) -> None:
         trailers, call.trailers = call.trailers, None
         if trailers is None:
             return
@@ -573,7 +455,7 @@ class _Connection(asyncio.Protocol):
             pass
         self.calls.pop(call.sid, None)
 
-    def _drop(self, call: _Call) -> None:
+    def _drop(self, call: Call) -> None:
         """The stream is gone (reset, connection lost): stop the call without answering."""
         if not call.done:
             call.done = True
@@ -587,7 +469,7 @@ class _Connection(asyncio.Protocol):
         if call.task is not None and not call.task.done():
             call.task.cancel()
 
-    def _retire(self, call: _Call) -> None:
+    def _retire(self, call: Call) -> None:
         self.server.active -= 1
         if call.timer is not None:
             call.timer.cancel()
@@ -597,7 +479,7 @@ class _Connection(asyncio.Protocol):
         if not self.server.active and self.server.idle is not None:
             self.server.idle.set()
 
-    def _expire(self, call: _Call) -> None:
+    def _expire(self, call: Call) -> None:
         call.timer = None
         self._finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
@@ -660,7 +542,7 @@ class H2GrpcServer:
         self.auth = auth
         self.health_open = health_open
         self.loop = asyncio.get_running_loop()
-        self.connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
         self.active = 0
         self.stopping = False
         self.idle: asyncio.Event | None = None
@@ -669,7 +551,7 @@ class H2GrpcServer:
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen on ``host:port``; returns the bound port. Raises OSError when it cannot bind."""
         self._server = await self.loop.create_server(
-            lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=1024
+            lambda: Connection(self), host, port, reuse_port=reuse_port or None, backlog=1024
         )
         return int(self._server.sockets[0].getsockname()[1])
 

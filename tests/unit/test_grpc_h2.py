@@ -20,7 +20,8 @@ import h2.settings
 import pytest
 import uvloop
 
-from servers.grpc_h2 import H2GrpcServer, encode_message, parse_timeout
+from servers.grpc_h2 import H2GrpcServer
+from servers.grpc_h2_call import encode_message, parse_timeout
 from servers.grpc_handlers import BearerAuth
 
 MAX = 1 << 20
