@@ -41,7 +41,9 @@ class DynamicBatching:
     """Dynamic batcher knobs of one model.
 
     Attributes:
-        max_queue_delay_us: longest a request waits for companions before its batch is sent.
+        max_queue_delay_us: longest a request waits for companions before its batch is sent; it
+            runs sooner when every request the front-ends admitted is already queued (nobody else
+            could join), unless ``preferred_batch_sizes`` are named.
         preferred_batch_sizes: batch sizes the batcher sends as soon as it can fill one.
     """
 

@@ -203,9 +203,10 @@ class RepoBuilder:
         """FP32 [4] echo, batching up to 8 with a `PATIENT_DELAY_S` batching delay."""
         return self.model(name, _PATIENT_YAML, _ECHO_PY)
 
-    def slow(self, name: str, sleep_s: float, max_batch_size: int) -> Path:
-        """FP32 [4] echo that sleeps ``sleep_s`` per batch and logs the rows it computed."""
-        batching = "dynamic_batching: {max_queue_delay_us: 1000}" if max_batch_size else ""
+    def slow(self, name: str, sleep_s: float, max_batch_size: int, delay_us: int = 1000) -> Path:
+        """FP32 [4] echo that sleeps ``sleep_s`` per batch and logs the rows it computed (batching
+        delay ``delay_us`` when it batches)."""
+        batching = f"dynamic_batching: {{max_queue_delay_us: {delay_us}}}" if max_batch_size else ""
         return self.model(
             name,
             _SLOW_YAML.format(max_batch_size=max_batch_size, batching=batching),
@@ -325,14 +326,16 @@ def harness_factory() -> Iterator[Callable[[EngineConfig], EngineHarness]]:
 
 @pytest.fixture(scope="module")
 def shared_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineHarness]:
-    """One engine for a whole module: simple, identity, mlp, ``faulty``, ``patient`` and ``slow`` (0.3 s
-    per request, no batching). Tests that kill or crash the worker start their own through
-    `harness_factory`."""
+    """One engine for a whole module: simple, identity, mlp, ``faulty``, ``patient``, ``slow`` (0.3 s
+    per request, no batching) and ``slow_patient`` (50 ms a batch of up to 8, a minute's delay).
+    Tests that kill or crash the worker start their own through `harness_factory`."""
     builder = RepoBuilder(tmp_path_factory.mktemp("shared") / "models")
     builder.builtin("simple", "identity", "mlp")
     builder.faulty("faulty")
     builder.patient("patient")
     builder.slow("slow", sleep_s=0.3, max_batch_size=0)
+    # computes for 50 ms a batch and would wait a minute for companions
+    builder.slow("slow_patient", sleep_s=0.05, max_batch_size=8, delay_us=int(PATIENT_DELAY_S * 1e6))
     harness = EngineHarness(small_config(builder.path))
     harness.repo = builder
     try:

@@ -118,6 +118,30 @@ def test_a_lone_request_does_not_wait_out_the_batching_delay(shared_engine: Any)
     assert d["success"] == 5 and d["batches"] == 5, d
 
 
+def test_a_closed_loop_runs_once_all_its_requests_are_queued(shared_engine: Any) -> None:
+    # Four clients, each sending its next request when its answer comes, to a model that computes for
+    # 50 ms a batch and has a minute-long batching delay: arrivals come far closer together than a
+    # batch computes, yet with every admitted request queued nobody else can join, so each round
+    # runs at once instead of waiting out the delay (which the timeout below would catch).
+    before = shared_engine.stats("slow_patient")
+
+    async def client(k: int) -> None:
+        for i in range(5):
+            x = np.full((1, 4), float(10 * k + i), dtype=np.float32)
+            out = await asyncio.wait_for(
+                infer(shared_engine.gateway, "slow_patient", {"INPUT0": x}), PATIENT_DELAY_S / 4
+            )
+            np.testing.assert_array_equal(out["OUTPUT0"], x)
+
+    async def four_clients() -> None:
+        await asyncio.gather(*(client(k) for k in range(4)))
+
+    shared_engine.run(four_clients())
+    d = delta(shared_engine.stats("slow_patient"), before)
+    assert d["success"] == 20, d
+    assert d["batches"] < 20, f"the clients' requests never shared a batch: {d}"
+
+
 def test_mixed_models_interleaved(shared_engine: Any, mlp_reference: Any, rng: np.random.Generator) -> None:
     import torch
 
