@@ -27,6 +27,7 @@ from servers.client.zmq_common import (
     RequestIds,
     can_move,
     close_endpoints,
+    connection_lost,
     decode_pending,
     log,
     moves_on,
@@ -262,16 +263,26 @@ class AsyncZmqClient:
             log.exception("zmq client %s: monitor stopped", self.endpoints[index])
 
     def _lost(self, index: int) -> None:
-        """The connection to endpoint ``index`` dropped: its unanswered requests move elsewhere."""
+        """The connection to endpoint ``index`` dropped: its unanswered requests move elsewhere, or
+        fail with Unavailable when no endpoint is left to try (no answer can come any more)."""
         self.pool.mark_down(index)
-        moved = 0
-        for attempt in self._pending.values():
-            mine = attempt.endpoint == index and not attempt.future.done()
-            if mine and can_move(self.pool, attempt.tried, index):
+        moved = failed = 0
+        for request_id, attempt in self._pending.items():
+            if attempt.endpoint != index or attempt.future.done():
+                continue
+            if can_move(self.pool, attempt.tried, index):
                 attempt.future.set_exception(_Lost())
                 moved += 1
-        if moved:
-            log.warning("zmq client: connection to %s lost; moving %d requests", self.endpoints[index], moved)
+            else:
+                attempt.future.set_exception(connection_lost(request_id, self.endpoints[index]))
+                failed += 1
+        if moved or failed:
+            log.warning(
+                "zmq client: connection to %s lost; %d requests moved, %d failed",
+                self.endpoints[index],
+                moved,
+                failed,
+            )
 
     def _fail_pending(self, error: Exception) -> None:
         for attempt in self._pending.values():

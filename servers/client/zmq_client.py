@@ -19,7 +19,9 @@ each endpoint tried at most once, when its endpoint answers UNAVAILABLE (drainin
 endpoint is then marked down for a cool-down) or RESOURCE_EXHAUSTED, and when the connection it was
 sent on drops before the reply (the endpoint is marked down). Inference is stateless, so a request
 moved after its connection dropped may have been computed twice; only its last answer is returned.
-With one endpoint nothing is moved: errors are raised and a dropped request times out, as before.
+With one endpoint nothing is moved: errors are raised, and a request whose connection drops before
+its reply fails at once with Unavailable (a reconnected DEALER is a new connection to the server,
+which cannot answer on it), as it does once every endpoint has been tried.
 
 This module holds the blocking client (`ZmqClient`, `ZmqFuture`); the asyncio one is in
 `servers.client.zmq_async_client` and the pieces both use in `servers.client.zmq_common`.
@@ -46,6 +48,7 @@ from servers.client.zmq_common import (
     RequestIds,
     can_move,
     close_endpoints,
+    connection_lost,
     decode_pending,
     log,
     moves_on,
@@ -237,6 +240,10 @@ class ZmqClient:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         to_timeout_us(timeout)
         request = _Request(build, expected, time.monotonic() + timeout)
+        # Take connection news first: a request sent on a connection that came back must not be
+        # counted among those lost with the connection before it (their drop not yet read).
+        for index in range(len(self._monitors)):
+            self._read_monitor(index)
         self._dispatch(request)
         return ZmqFuture(self, request)
 
@@ -313,31 +320,37 @@ class ZmqClient:
             self._update_pollout()
 
     def _read_monitor(self, index: int) -> None:
-        while True:
-            try:
-                event = recv_monitor_message(self._monitors[index], zmq.NOBLOCK)["event"]
-            except zmq.Again:
-                return
+        monitor = self._monitors[index]
+        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 self.pool.mark_up(index)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._lost(index)
 
     def _lost(self, index: int) -> None:
-        """The connection to endpoint ``index`` dropped: move its unanswered requests elsewhere."""
+        """The connection to endpoint ``index`` dropped: move its unanswered requests elsewhere, or
+        fail them with Unavailable when no endpoint is left to try (no answer can come any more)."""
         self.pool.mark_down(index)
         self._read_replies(index)  # answers that made it before the drop are not resent
-        moved = [
-            r for r in self._inflight.values() if r.endpoint == index and can_move(self.pool, r.tried, index)
-        ]
-        if moved:
-            log.warning(
-                "zmq client: connection to %s lost; moving %d requests", self.endpoints[index], len(moved)
-            )
-        for request in moved:
+        lost = [r for r in self._inflight.values() if r.endpoint == index]
+        moved = 0
+        for request in lost:
             del self._inflight[request.request_id]
-            request.tried.append(index)
-            self._dispatch(request)
+            if can_move(self.pool, request.tried, index):
+                request.tried.append(index)
+                self._dispatch(request)
+                moved += 1
+            else:
+                error = connection_lost(request.request_id, self.endpoints[index])
+                request.reply = Reply(MsgType.ERROR, request.request_id, error=error)
+        if lost:
+            log.warning(
+                "zmq client: connection to %s lost; %d requests moved, %d failed",
+                self.endpoints[index],
+                moved,
+                len(lost) - moved,
+            )
 
     def _read_replies(self, index: int) -> None:
         sock = self._socks[index]

@@ -5,7 +5,8 @@
 - `RequestIds`: request ids 1, 2, ... wrapping inside u64;
 - `to_timeout_us` / `remaining_us`: a request's timeout, and what is left of it, as the deadline sent;
 - `decode_pending`, `unpack_reply`, `moves_on`, `can_move`: what to do with a reply: drop it (late,
-  unknown), return its payload or raise its error, or move its request to another endpoint.
+  unknown), return its payload or raise its error, or move its request to another endpoint;
+- `connection_lost`: the error of a request whose connection dropped with no endpoint left to try.
 """
 
 from __future__ import annotations
@@ -45,6 +46,18 @@ def to_timeout_us(timeout_s: float) -> int:
 def remaining_us(deadline: float) -> int:
     # A resend near the deadline still tells the server a (tiny) positive deadline, never "none" (0).
     return max(1, math.ceil((deadline - time.monotonic()) * 1_000_000))
+
+
+def connection_lost(request_id: int, endpoint: str) -> Unavailable:
+    """The error of a request whose connection dropped before its reply, no other endpoint left.
+
+    A DEALER's reconnection is a new connection to the server's ROUTER: an answer addressed to the
+    old one is never delivered, so waiting out the timeout would gain nothing.
+    """
+    return Unavailable(
+        f"connection to {endpoint} closed before the reply to request {request_id} (the server "
+        "stopped, or dropped a message holding a frame over its max_message_bytes)"
+    )
 
 
 def unpack_reply(reply: Reply, expected: MsgType) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from engine.errors import (
     ModelError,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from servers.client.zmq_client import AsyncZmqClient, ZmqClient
 from servers.gateway_api import FrontendSettings, InferInput
@@ -349,12 +351,26 @@ def test_oversize_messages() -> None:
         reply = peer.ask([header[0], b"\0" * 3000, b"\0" * 3000])
         assert reply.request_id == 3 and isinstance(reply.error, ResourceExhausted)
         with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
-            # one frame over the limit: libzmq drops the connection, no reply
-            with pytest.raises(DeadlineExceeded):
-                c.infer("identity", {"INPUT0": np.ones((1, 2000), np.float32)}, timeout_s=0.5)
+            # One frame over the limit: libzmq drops the connection without a reply. The client sees
+            # the drop and fails the request at once instead of waiting out its timeout.
+            start = time.monotonic()
+            with pytest.raises(Unavailable, match="max_message_bytes"):
+                c.infer("identity", {"INPUT0": np.ones((1, 2000), np.float32)})
+            assert time.monotonic() - start < WAIT_S / 2
             # the DEALER reconnects by itself
             out = c.infer("identity", {"INPUT0": np.full((1, 4), 2, np.float32)})
             assert (out["OUTPUT0"] == 2).all()
+
+        async def main() -> None:
+            async with AsyncZmqClient(srv.endpoint, timeout_s=WAIT_S) as ac:
+                start = time.monotonic()
+                with pytest.raises(Unavailable, match="max_message_bytes"):
+                    await ac.infer("identity", {"INPUT0": np.ones((1, 2000), np.float32)})
+                assert time.monotonic() - start < WAIT_S / 2
+                out = await ac.infer("identity", {"INPUT0": np.full((1, 4), 3, np.float32)})
+                assert (out["OUTPUT0"] == 3).all()
+
+        asyncio.run(main())
     finally:
         peer.close()
         srv.close()
@@ -444,3 +460,32 @@ def test_ping_timeout_when_nobody_listens() -> None:
     finally:
         silent.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_requests_in_flight_at_stop_are_answered_before_the_socket_closes(kind: str) -> None:
+    # Stopping drains: the answers of requests admitted before the stop must reach the client,
+    # although its DEALER (ZMQ_IMMEDIATE) discards what it has not read when the connection drops.
+    srv = ServerThread(RecordingGateway(delay_s=0.3), FrontendSettings(port=0))
+    xs = [np.full((1, 2), n, np.float32) for n in range(50)]
+    stopper = threading.Timer(0.1, srv.close)
+    try:
+        if kind == "sync":
+            with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
+                futures = [c.submit("identity", {"INPUT0": x}) for x in xs]
+                stopper.start()
+                outs = [f.result() for f in futures]
+        else:
+
+            async def main() -> list[dict[str, np.ndarray]]:
+                async with AsyncZmqClient(srv.endpoint, timeout_s=WAIT_S) as ac:
+                    calls = [ac.infer("identity", {"INPUT0": x}) for x in xs]
+                    stopper.start()
+                    return await asyncio.gather(*calls)
+
+            outs = asyncio.run(main())
+    finally:
+        stopper.join(WAIT_S)
+        srv.close()
+    for n, out in enumerate(outs):
+        assert (out["OUTPUT0"] == n).all()
