@@ -68,7 +68,7 @@ class Engine:
 
         control = self.supervisor.control
         assert control is not None
-        slot = self.supervisor._slot(child)
+        slot = self.supervisor.slot(child)
         control.store_u64(slot + F_PORT, 0)
         control.store_u64(slot + F_STATE, PROC_UP)
         self._gateways.append(gateway)

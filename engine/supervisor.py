@@ -190,7 +190,7 @@ class Supervisor:
         child.gen += 1
         name = arena_name(self.base, child.role, child.index, child.gen)
         size = arena_segment_size(self.config, child.role, self.arena_max_block)
-        slot = self._slot(child)
+        slot = self.slot(child)
         if old:
             # peers that still map it keep their mapping until they let go
             self._unlink(arena_name(self.base, child.role, child.index, old))
@@ -231,7 +231,8 @@ class Supervisor:
     def children_by_role(self, role: str) -> list[Child]:
         return [c for c in self.children if c.role == role]
 
-    def _slot(self, child: Child) -> int:
+    def slot(self, child: Child) -> int:
+        """Offset of ``child``'s slot (state, pid, port...) in the control segment."""
         assert self.layout is not None
         if child.role == "worker":
             return self.layout.worker(child.index)
@@ -241,7 +242,7 @@ class Supervisor:
         assert self.control is not None
         end = time.monotonic() + timeout_s
         for child in children:
-            while self.control.load_u64(self._slot(child) + F_STATE) != PROC_UP:
+            while self.control.load_u64(self.slot(child) + F_STATE) != PROC_UP:
                 proc = child.process
                 if proc is not None and not proc.is_alive():
                     raise StartupError(f"{child.name} exited with code {proc.exitcode} before it was ready")
@@ -253,7 +254,7 @@ class Supervisor:
                 if proc is not None:
                     wait_sentinels([proc.sentinel], timeout=0.02)
             if child.role == "frontend":
-                child.port = self.control.load_u64(self._slot(child) + F_PORT)
+                child.port = self.control.load_u64(self.slot(child) + F_PORT)
 
     # ---- watch ----------------------------------------------------------------------------------
 
@@ -283,7 +284,7 @@ class Supervisor:
                 self._spawn(child)
         for child in self.children:
             if child.role == "frontend" and child.process is not None and self.control is not None:
-                port = self.control.load_u64(self._slot(child) + F_PORT)
+                port = self.control.load_u64(self.slot(child) + F_PORT)
                 if port:
                     child.port = port
         if not self.stopping:
@@ -300,7 +301,7 @@ class Supervisor:
             proc = child.process
             if proc is None or proc.pid is None or not proc.is_alive():
                 continue
-            slot = self._slot(child)
+            slot = self.slot(child)
             if control.load_u64(slot + F_STATE) != PROC_UP:
                 continue  # still loading models: it has not started beating yet
             age = now - control.load_u64(slot + F_HEARTBEAT)
@@ -349,7 +350,7 @@ class Supervisor:
         held would wait forever and new ones would still be sent to its slot, which looks up.
         """
         assert self.control is not None
-        slot = self._slot(child)
+        slot = self.slot(child)
         self._unlink(arena_name(self.base, child.role, child.index, child.gen))
         child.gen += 1
         self.control.store_u64(slot + F_STATE, PROC_DOWN)
@@ -426,7 +427,7 @@ class Supervisor:
                 proc.join(5)
         for child in children:
             if child.process is not None and self.control is not None:
-                self.control.store_u64(self._slot(child) + F_STATE, PROC_DOWN)
+                self.control.store_u64(self.slot(child) + F_STATE, PROC_DOWN)
             child.process = None
 
     def _unlink(self, name: str) -> None:
@@ -445,7 +446,7 @@ class Supervisor:
             process_status(
                 c,
                 control,
-                self._slot(c),
+                self.slot(c),
                 now,
                 arena_bytes_in_use(self.segments.get(arena_name(self.base, c.role, c.index, c.gen))),
             )
