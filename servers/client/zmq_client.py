@@ -321,7 +321,7 @@ class ZmqClient:
 
     def _read_monitor(self, index: int) -> None:
         monitor = self._monitors[index]
-        while monitor.get(zmq.EVENTS) & zmq.POLLIN:
+        while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
             if event == zmq.EVENT_CONNECTED:
                 self.pool.mark_up(index)
