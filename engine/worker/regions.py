@@ -8,6 +8,8 @@ layouts are drawn in `engine.shm`.
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -19,15 +21,24 @@ from engine.models.spec import ModelSpec
 from engine.shm import (
     FLAG_BATCHED,
     HEADER_BYTES,
+    MAX_RANK,
     REGION_HEADER,
     REQ_MAGIC,
     RES_MAGIC,
     TENSOR_DESC,
-    TENSOR_DESC_DTYPE,
     pack_region_head,
     region_layout,
 )
 from ext.arena import Arena
+
+_HEAD_FIELDS = 5  # REGION_HEADER: magic, n, flags, output_mask, pad
+_DESC_FIELDS = 6 + MAX_RANK  # TENSOR_DESC: dtype, ndim, pad0, pad1, offset, nbytes, dims
+
+
+@functools.cache
+def _request_head(n: int) -> struct.Struct:
+    """A request region's header followed by ``n`` tensor descriptors, as one struct."""
+    return struct.Struct("<" + REGION_HEADER.format.lstrip("<") + TENSOR_DESC.format.lstrip("<") * n)
 
 
 @dataclass(slots=True)
@@ -79,20 +90,24 @@ def parse_request(
         InvalidArgument: the region does not match the model (magic, input count, dtype, rank, byte
             count, batch dimension). A malformed view raises IndexError or ValueError.
     """
-    magic, n, _flags, mask, _ = REGION_HEADER.unpack_from(arena.view(offset, HEADER_BYTES).data)
-    if magic != REQ_MAGIC or n != len(spec.inputs):
-        raise InvalidArgument(f"bad request region (magic {magic:#x}, {n} inputs)")
-    if HEADER_BYTES + n * TENSOR_DESC_DTYPE.itemsize > length:
+    expected = len(spec.inputs)
+    head = _request_head(expected)
+    if head.size > length:
         raise InvalidArgument("request region shorter than its header")
-    descs = arena.view(offset + HEADER_BYTES, (n,), TENSOR_DESC_DTYPE)
+    # header and every descriptor in one unpack: one view, no structured-array element per input
+    fields = head.unpack_from(arena.view(offset, head.size).data)
+    magic, n, _flags, mask = fields[0], fields[1], fields[2], fields[3]
+    if magic != REQ_MAGIC or n != expected:
+        raise InvalidArgument(f"bad request region (magic {magic:#x}, {n} inputs)")
     inputs = []
     rows = 1
     dims_key: list[tuple[int, ...]] = []
     for j, tspec in enumerate(spec.inputs):
-        code, ndim, _p0, _p1, d_off, nbytes, dims = descs[j].tolist()
+        at = _HEAD_FIELDS + j * _DESC_FIELDS
+        code, ndim, d_off, nbytes = fields[at], fields[at + 1], fields[at + 4], fields[at + 5]
         if CODE_TO_DTYPE.get(code) != tspec.datatype or not 0 <= ndim <= 8:
             raise InvalidArgument(f"input {tspec.name}: bad dtype code {code} or rank {ndim}")
-        shape = tuple(dims[:ndim])
+        shape = fields[at + 6 : at + 6 + ndim]
         if d_off + nbytes > length:
             raise InvalidArgument(f"input {tspec.name}: data runs past the request region")
         arr = arena.view(offset + d_off, shape, tspec.dtype)
