@@ -44,6 +44,7 @@ from engine.errors import DeadlineExceeded, Unavailable
 from servers.client.endpoints import DEFAULT_COOLDOWN_S, EndpointPool
 from servers.client.zmq_async_client import AsyncZmqClient
 from servers.client.zmq_common import (
+    RECONNECT_IVL_MS,
     Build,
     RequestIds,
     can_move,
@@ -157,6 +158,7 @@ class ZmqClient:
         self._inflight: dict[int, _Request] = {}
         #: requests waiting for an endpoint to be connected (and have room)
         self._unsent: list[_Request] = []
+        self._news_read_at = float("-inf")  # time.monotonic() of the last look at the monitors
         self._closed = False
 
     def submit(
@@ -239,11 +241,15 @@ class ZmqClient:
             raise Unavailable("client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         to_timeout_us(timeout)
-        request = _Request(build, expected, time.monotonic() + timeout)
-        # Take connection news first: a request sent on a connection that came back must not be
-        # counted among those lost with the connection before it (their drop not yet read).
-        for index in range(len(self._monitors)):
-            self._read_monitor(index)
+        now = time.monotonic()
+        request = _Request(build, expected, now + timeout)
+        if now - self._news_read_at > RECONNECT_IVL_MS / 2000:
+            # A request sent on a connection that came back must not be counted among those lost
+            # with the one before it (its drop not read yet). A reconnection takes RECONNECT_IVL_MS:
+            # news read less than half of that ago cannot have missed one.
+            self._news_read_at = now
+            for index in range(len(self._monitors)):
+                self._read_monitor(index)
         self._dispatch(request)
         return ZmqFuture(self, request)
 
@@ -299,7 +305,9 @@ class ZmqClient:
 
     def _pump(self, timeout_ms: int) -> None:
         """One poll of every socket: take monitor events and replies, send what was waiting."""
+        polled_at = time.monotonic()
         events = dict(self._poller.poll(timeout_ms))
+        self._news_read_at = polled_at  # ready monitors are read below
         for index, monitor in enumerate(self._monitors):
             if monitor in events:
                 self._read_monitor(index)

@@ -30,6 +30,9 @@ log = logging.getLogger("servers.client.zmq_client")
 
 #: Send/receive high-water mark of each client socket, in messages.
 HIGH_WATER_MARK = 10_000
+#: How long a dropped connection waits before it reconnects (libzmq's default, set explicitly: the
+#: sync client relies on it to read connection news only every half of it).
+RECONNECT_IVL_MS = 100
 #: Socket monitor events the clients act on.
 MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
@@ -83,6 +86,7 @@ def open_endpoint(ctx: zmq.Context[Any], endpoint: str) -> tuple[zmq.Socket[Any]
     # Queue only on completed connections: a send to a down endpoint fails (EAGAIN) instead of
     # waiting in a pipe for a server that may never come back.
     sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
     monitor = sock.get_monitor_socket(MONITOR_EVENTS)
     sock.connect(endpoint)
     return sock, monitor

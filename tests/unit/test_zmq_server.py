@@ -489,3 +489,24 @@ def test_requests_in_flight_at_stop_are_answered_before_the_socket_closes(kind: 
         srv.close()
     for n, out in enumerate(outs):
         assert (out["OUTPUT0"] == n).all()
+
+
+def test_a_request_sent_after_a_reconnection_is_not_failed_with_the_old_connection() -> None:
+    # The server restarts while the client looks away: the client's DEALER reconnects by itself.
+    # The next request goes out on the new connection and must not be failed when the client
+    # then reads the old connection's drop.
+    first = ServerThread(RecordingGateway(), FrontendSettings(port=0))
+    port = first.port
+    try:
+        with ZmqClient(first.endpoint, timeout_s=WAIT_S) as c:
+            assert (c.infer("identity", {"INPUT0": np.full((1, 2), 1, np.float32)})["OUTPUT0"] == 1).all()
+            first.close()
+            second = ServerThread(RecordingGateway(), FrontendSettings(port=port))
+            try:
+                time.sleep(1.0)  # dropped and reconnected meanwhile, and the client has not looked
+                out = c.infer("identity", {"INPUT0": np.full((1, 2), 2, np.float32)})
+                assert (out["OUTPUT0"] == 2).all()
+            finally:
+                second.close()
+    finally:
+        first.close()
