@@ -92,6 +92,10 @@ class AsyncZmqClient:
         self._monitors: list[zmq.asyncio.Socket] = [monitor for _, monitor in pairs]  # type: ignore[misc]
         self._ids = RequestIds()
         self._pending: dict[int, _Attempt] = {}
+        #: per endpoint: its connection dropped and no new one is up yet (see `_monitor_loop`)
+        self._stale = [False] * len(self._socks)
+        #: futures of senders waiting for a connection to come back
+        self._reconnect_waiters: list[asyncio.Future[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._running = False  # reader and monitor tasks all up
         self._closed = False
@@ -216,10 +220,11 @@ class AsyncZmqClient:
     async def _send(self, request_id: int, frames: Frames, tried: list[int]) -> _Attempt:
         """Send to the first candidate endpoint that takes the message now; when none does (none is
         connected, or all are full), wait until one can."""
+        loop = asyncio.get_running_loop()
         while True:
-            candidates = self.pool.candidates(exclude=tried)
+            candidates = [i for i in self.pool.candidates(exclude=tried) if not self._stale[i]]
             for index in candidates:
-                attempt = _Attempt(asyncio.get_running_loop().create_future(), index, tried)
+                attempt = _Attempt(loop.create_future(), index, tried)
                 self._pending[request_id] = attempt  # before the send: the reply may beat us to it
                 try:
                     await self._socks[index].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -227,10 +232,22 @@ class AsyncZmqClient:
                     del self._pending[request_id]
                     continue
                 return attempt
-            poller = zmq.asyncio.Poller()
-            for index in candidates:
-                poller.register(self._socks[index], zmq.POLLOUT)
-            await poller.poll()  # bounded by the caller's timeout
+            # bounded by the caller's timeout
+            reconnected: asyncio.Future[None] = loop.create_future()
+            self._reconnect_waiters.append(reconnected)
+            waits: list[asyncio.Future[Any]] = [reconnected]
+            if candidates:
+                poller = zmq.asyncio.Poller()
+                for index in candidates:
+                    poller.register(self._socks[index], zmq.POLLOUT)
+                waits.append(asyncio.ensure_future(poller.poll()))
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for wait in waits:
+                    wait.cancel()
+                if reconnected in self._reconnect_waiters:
+                    self._reconnect_waiters.remove(reconnected)
 
     async def _read_loop(self, index: int) -> None:
         sock, endpoint = self._socks[index], self.endpoints[index]
@@ -253,9 +270,18 @@ class AsyncZmqClient:
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
+                # libzmq reports a drop before the socket has let go of the dropped connection's
+                # pipe; a message sent in between goes into that pipe and is lost without a trace.
+                # So nothing is sent on the endpoint until its next connection is reported.
                 if event == zmq.EVENT_CONNECTED:
+                    self._stale[index] = False
                     self.pool.mark_up(index)
+                    waiters, self._reconnect_waiters = self._reconnect_waiters, []
+                    for waiter in waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
                 elif event == zmq.EVENT_DISCONNECTED:
+                    self._stale[index] = True
                     self._lost(index)
         except asyncio.CancelledError:
             raise

@@ -14,7 +14,9 @@ Scale-out: give several endpoints (``"tcp://a:7211,tcp://b:7211"`` or a list) an
 robin across them (`servers.client.endpoints.EndpointPool`). The sockets set ``ZMQ_IMMEDIATE``, so a
 message is only ever queued on a live connection: a send to an endpoint that is not connected fails
 at once and goes to the next one, and a request waits (within its timeout) only while no endpoint is
-connected. A socket monitor tells each connect and disconnect. A request is moved to another endpoint,
+connected. A socket monitor tells each connect and disconnect; after a disconnect nothing is sent on
+that endpoint until its next connect is reported (libzmq tells of the drop before its socket lets go
+of the dead connection, and a message sent in between would vanish). A request is moved to another endpoint,
 each endpoint tried at most once, when its endpoint answers UNAVAILABLE (draining, worker down; the
 endpoint is then marked down for a cool-down) or RESOURCE_EXHAUSTED, and when the connection it was
 sent on drops before the reply (the endpoint is marked down). Inference is stateless, so a request
@@ -153,6 +155,8 @@ class ZmqClient:
         for sock in (*self._socks, *self._monitors):
             self._poller.register(sock, zmq.POLLIN)
         self._polling_out = [False] * len(self._socks)  # per socket: POLLOUT registered
+        #: per endpoint: its connection dropped and no new one is up yet (see `_read_monitor`)
+        self._stale = [False] * len(self._socks)
         self._ids = RequestIds()
         #: current attempt's request id -> its request, while its reply is awaited
         self._inflight: dict[int, _Request] = {}
@@ -260,6 +264,8 @@ class ZmqClient:
         frames = request.build(request_id, remaining_us(request.deadline))
         request.request_id = request_id
         for index in self.pool.candidates(exclude=request.tried):
+            if self._stale[index]:
+                continue
             try:
                 self._socks[index].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -274,7 +280,8 @@ class ZmqClient:
     def _update_pollout(self) -> None:
         # Watch for room only on sockets a parked request may use: one it already failed on may be
         # writable all along and would wake every poll at once.
-        wanted = {i for r in self._unsent for i in range(len(self._socks)) if i not in r.tried}
+        usable = [i for i in range(len(self._socks)) if not self._stale[i]]
+        wanted = {i for r in self._unsent for i in usable if i not in r.tried}
         for index, sock in enumerate(self._socks):
             on = index in wanted
             if on != self._polling_out[index]:
@@ -331,10 +338,19 @@ class ZmqClient:
         monitor = self._monitors[index]
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
+            # libzmq reports a drop before the socket has let go of the dropped connection's pipe;
+            # a message sent in between goes into that pipe and is lost without a trace. So nothing
+            # is sent on the endpoint until its next connection is reported.
             if event == zmq.EVENT_CONNECTED:
+                self._stale[index] = False
                 self.pool.mark_up(index)
             elif event == zmq.EVENT_DISCONNECTED:
+                self._stale[index] = True
                 self._lost(index)
+            else:
+                continue
+            if self._unsent:
+                self._update_pollout()
 
     def _lost(self, index: int) -> None:
         """The connection to endpoint ``index`` dropped: move its unanswered requests elsewhere, or
