@@ -55,6 +55,9 @@ _OK_TRAILERS = ((b"grpc-status", b"0"),)
 _WINDOW = 1 << 20
 #: largest frame the peer may send (HTTP/2 default 16 KiB): fewer frames per large message
 _MAX_FRAME = 1 << 20
+#: seconds a connection we hang up on waits for the peer to close its side (it normally does as soon
+#: as it reads our GOAWAY and end of stream) before it is closed anyway
+FAREWELL_S = 0.5
 
 
 class Connection(asyncio.Protocol):
@@ -69,6 +72,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._flush_scheduled = False
+        self._hanging_up = False
         config = h2.config.H2Configuration(
             client_side=False,
             header_encoding=None,
@@ -115,16 +119,18 @@ class Connection(asyncio.Protocol):
         for call in list(self.calls.values()):
             self._drop(call)
         self.transport = None
+        if not self.server.connections and self.server.all_closed is not None:
+            self.server.all_closed.set()
 
     def data_received(self, data: bytes) -> None:
+        if self._hanging_up:
+            return  # read only so that the socket is not closed with bytes in it
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             # h2 queued a GOAWAY naming the error; send it and hang up
             log.debug("grpc h2: closing %s: %s", self.peer, exc)
-            self._write_now()
-            if self.transport is not None:
-                self.transport.close()
+            self.hang_up()
             return
         for event in events:
             if isinstance(event, h2.events.DataReceived):
@@ -142,9 +148,8 @@ class Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.RemoteSettingsChanged):
                 # a larger INITIAL_WINDOW_SIZE opens every stream's window without a WINDOW_UPDATE
                 self._on_window(0)
-            elif isinstance(event, h2.events.ConnectionTerminated) and self.transport is not None:
-                self._write_now()
-                self.transport.close()
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                self.hang_up()
                 return
         self._write_now()
 
@@ -490,9 +495,27 @@ class Connection(asyncio.Protocol):
     def goaway(self) -> None:
         with contextlib.suppress(h2.exceptions.ProtocolError):
             self.h2.close_connection()
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        """Send what is queued (a GOAWAY among it), end our side, and close once the peer has
+        closed its side or after `FAREWELL_S`.
+
+        A socket closed while the peer's bytes wait unread in it sends a reset, and the kernel then
+        throws away what it had not sent yet: the peer could lose its last answers and the GOAWAY.
+        So until the end, what the peer sends is read and dropped.
+        """
         self._write_now()
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if self._hanging_up or transport is None or transport.is_closing():
+            return
+        self._hanging_up = True
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()  # after the queued bytes; the peer reads them, then the end
+        transport.resume_reading()
+        self.loop.call_later(FAREWELL_S, transport.close)
 
     # ---- writing ---------------------------------------------------------------------------------
 
@@ -546,6 +569,8 @@ class H2GrpcServer:
         self.active = 0
         self.stopping = False
         self.idle: asyncio.Event | None = None
+        #: set when the last connection is gone, once a stop has hung up on them
+        self.all_closed: asyncio.Event | None = None
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self, host: str, port: int, reuse_port: bool = False) -> int:
@@ -564,8 +589,13 @@ class H2GrpcServer:
             self.idle = asyncio.Event()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.idle.wait(), grace_s)
+        self.all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.cancel_all()
             conn.goaway()
+        if self.connections:
+            # each connection closes itself within FAREWELL_S; the margin covers the close callbacks
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), FAREWELL_S + 0.5)
         if self._server is not None:
             await self._server.wait_closed()

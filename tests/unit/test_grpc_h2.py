@@ -414,3 +414,36 @@ def test_an_answer_blocked_on_the_window_resumes_when_settings_widen_it() -> Non
         assert body == b"\0" + (1000).to_bytes(4, "big") + bytes(i % 251 for i in range(1000))
 
     run(scenario)
+
+
+def test_stop_hangs_up_without_a_reset_when_the_peer_sent_more() -> None:
+    # A socket closed with unread bytes in it makes the kernel send a reset and throw away what was
+    # not sent yet (the last answers, the GOAWAY). Bytes the peer sends just before the stop must be
+    # read, and the connection half-closed, so the peer sees the GOAWAY and an orderly end.
+    async def main() -> None:
+        handlers = Handlers()
+        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=100)
+        port = await server.start("127.0.0.1", 0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        writer.write(client.data_to_send())
+        await until(lambda: len(server.connections) == 1)
+        client.receive_data(await reader.read(65536))  # the server's SETTINGS
+        (conn,) = server.connections
+        assert conn.transport is not None
+        conn.transport.pause_reading()  # the next bytes wait, unread, in the server's socket
+        client.ping(b"12345678")
+        writer.write(client.data_to_send())
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(server.stop(1.0))
+        events = []
+        while data := await reader.read(65536):  # ConnectionResetError on a reset
+            events += client.receive_data(data)
+        writer.close()
+        await asyncio.wait_for(stopping, TIMEOUT_S)
+        assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+        assert not server.connections
+
+    uvloop.run(main())
