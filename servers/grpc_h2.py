@@ -58,6 +58,32 @@ _MAX_FRAME = 1 << 20
 #: seconds a connection we hang up on waits for the peer to close its side (it normally does as soon
 #: as it reads our GOAWAY and end of stream) before it is closed anyway
 FAREWELL_S = 0.5
+#: new streams between two of h2's walks over all streams (see `SweepingH2Connection`)
+SWEEP_EVERY = 16
+
+
+class SweepingH2Connection(h2.connection.H2Connection):
+    """`H2Connection` that walks its streams once per `SWEEP_EVERY` new inbound streams, not at each.
+
+    h2 counts the open inbound streams each time the peer opens one, walking every stream it holds
+    and forgetting the closed ones as it goes: at 500 calls in flight that walk was ~13% of the
+    front-end. The count only guards MAX_CONCURRENT_STREAMS, which this server sets out of reach (it
+    limits calls itself, `max_inflight`), so between walks the last count plus the streams opened
+    since (never less than the truth) does; closed streams are still forgotten, a few walks later.
+    """
+
+    def __init__(self, config: h2.config.H2Configuration) -> None:
+        super().__init__(config)
+        self._counted_open = 0
+        self._opened_since = 0
+
+    @property
+    def open_inbound_streams(self) -> int:
+        self._opened_since += 1
+        if self._opened_since >= SWEEP_EVERY:
+            self._opened_since = 0
+            self._counted_open = super().open_inbound_streams
+        return self._counted_open + self._opened_since
 
 
 class Connection(asyncio.Protocol):
@@ -84,7 +110,7 @@ class Connection(asyncio.Protocol):
             validate_inbound_headers=False,
             normalize_inbound_headers=False,
         )
-        self.h2 = h2.connection.H2Connection(config)
+        self.h2 = SweepingH2Connection(config)
         self.h2.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
