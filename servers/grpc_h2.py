@@ -529,13 +529,16 @@ class Connection(asyncio.Protocol):
 
         A socket closed while the peer's bytes wait unread in it sends a reset, and the kernel then
         throws away what it had not sent yet: the peer could lose its last answers and the GOAWAY.
-        So until the end, what the peer sends is read and dropped.
+        So until the end, what the peer sends is read and dropped, and nothing more is written:
+        calls still running are dropped now.
         """
         self._write_now()
         transport = self.transport
         if self._hanging_up or transport is None or transport.is_closing():
             return
         self._hanging_up = True
+        for call in list(self.calls.values()):
+            self._drop(call)
         if not transport.can_write_eof():
             transport.close()
             return
@@ -562,7 +565,7 @@ class Connection(asyncio.Protocol):
 
     def _write_now(self) -> None:
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.transport.is_closing():
+        if data and self.transport is not None and not self._hanging_up and not self.transport.is_closing():
             self.transport.write(data)
 
 

@@ -476,3 +476,33 @@ def test_h2_open_stream_count_is_an_upper_bound_and_closed_streams_are_forgotten
         client.receive_data(server.data_to_send())
     assert sum(stream.open for stream in server.streams.values()) == 0
     assert len(server.streams) <= SWEEP_EVERY + 7
+
+
+def test_a_peer_goaway_drops_its_calls_and_ends_the_connection() -> None:
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        assert await channel.unary_unary("/t.T/Echo")(b"up", timeout=TIMEOUT_S) == b"up"
+        reader, writer = await asyncio.open_connection("127.0.0.1", channel_port(server))
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        headers = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/t.T/Block"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+        ]
+        client.send_headers(1, headers)
+        client.send_data(1, b"\0\0\0\0\0", end_stream=True)  # one empty message
+        writer.write(client.data_to_send())
+        await until(lambda: handlers.started == 1)
+        client.close_connection()
+        writer.write(client.data_to_send())
+        await until(lambda: handlers.cancelled == 1)  # nobody is left to answer
+        while await reader.read(65536):  # then an orderly end
+            pass
+        writer.close()
+        await until(lambda: len(server.connections) == 1)  # only the channel's own
+        handlers.release.set()
+        assert await channel.unary_unary("/t.T/Echo")(b"fine", timeout=TIMEOUT_S) == b"fine"
+
+    run(scenario)
