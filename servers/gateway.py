@@ -502,4 +502,3 @@ class ShmGateway:
                 link.word.notify()  # full: let the worker catch up, the rest goes out on the next wake
                 return
             link.releases.pop(0)
-

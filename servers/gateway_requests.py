@@ -51,15 +51,12 @@ def validate_inputs(
         item = found
         if item.datatype != tspec.datatype:
             raise InvalidArgument(
-                f"input {tspec.name!r}: datatype {item.datatype} does not match "
-                f"the model's {tspec.datatype}"
+                f"input {tspec.name!r}: datatype {item.datatype} does not match the model's {tspec.datatype}"
             )
         shape = tuple(int(d) for d in item.shape)
         want = spec.full_shape(tspec)
         if len(shape) != len(want) or len(shape) > MAX_RANK:
-            raise InvalidArgument(
-                f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
-            )
+            raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}")
         count = 1
         for d, w in zip(shape, want, strict=True):
             if d < 0:
@@ -114,4 +111,3 @@ def buffer_nbytes(data: object) -> int:
     if isinstance(data, np.ndarray):
         return int(data.nbytes)
     return memoryview(data).nbytes  # type: ignore[arg-type]
-

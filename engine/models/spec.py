@@ -96,8 +96,7 @@ class ModelSpec:
             if spec.name == name:
                 return spec
         raise InvalidArgument(
-            f"model {self.name!r} has no output {name!r}; "
-            f"outputs: {', '.join(o.name for o in self.outputs)}"
+            f"model {self.name!r} has no output {name!r}; outputs: {', '.join(o.name for o in self.outputs)}"
         )
 
     def full_shape(self, spec: TensorSpec) -> tuple[int, ...]:
