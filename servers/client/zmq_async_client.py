@@ -270,9 +270,7 @@ class AsyncZmqClient:
         try:
             while True:
                 event = parse_monitor_message(await monitor.recv_multipart())["event"]
-                # libzmq reports a drop before the socket has let go of the dropped connection's
-                # pipe; a message sent in between goes into that pipe and is lost without a trace.
-                # So nothing is sent on the endpoint until its next connection is reported.
+                # stale from a drop to the next connect: see zmq_common.MONITOR_EVENTS
                 if event == zmq.EVENT_CONNECTED:
                     self._stale[index] = False
                     self.pool.mark_up(index)

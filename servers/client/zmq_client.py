@@ -338,9 +338,7 @@ class ZmqClient:
         monitor = self._monitors[index]
         while monitor.poll(0):
             event = recv_monitor_message(monitor)["event"]
-            # libzmq reports a drop before the socket has let go of the dropped connection's pipe;
-            # a message sent in between goes into that pipe and is lost without a trace. So nothing
-            # is sent on the endpoint until its next connection is reported.
+            # stale from a drop to the next connect: see zmq_common.MONITOR_EVENTS
             if event == zmq.EVENT_CONNECTED:
                 self._stale[index] = False
                 self.pool.mark_up(index)

@@ -33,7 +33,10 @@ HIGH_WATER_MARK = 10_000
 #: How long a dropped connection waits before it reconnects (libzmq's default, set explicitly: the
 #: sync client relies on it to read connection news only every half of it).
 RECONNECT_IVL_MS = 100
-#: Socket monitor events the clients act on.
+#: Socket monitor events the clients act on. libzmq reports a drop before the socket has let go of
+#: the dropped connection's pipe, and a message sent in between goes into that pipe and is lost
+#: without a trace: so after a DISCONNECTED an endpoint is *stale*, and nothing is sent on it until
+#: its next CONNECTED (one reconnect interval later, long after the pipe is gone).
 MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 #: Builds a request's frames for one attempt: (request id, timeout in microseconds) -> frames.
