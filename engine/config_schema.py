@@ -42,7 +42,8 @@ class EngineConfig:
         grpc_frontends: gRPC front-end processes sharing the port (SO_REUSEPORT); default 1 on
             machines with <= 2 CPUs, else min(4, cpus // 2).
         grpc_transport: ``h2`` (default: HTTP/2 parsed on the front-end's event loop by
-            `servers.grpc_h2`, no grpc core threads) or ``grpcio`` (grpc.aio, grpc core's HTTP/2).
+            `servers.grpc_h2` with the server's own HTTP/2 layer, no grpc core threads) or
+            ``grpcio`` (grpc.aio, grpc core's HTTP/2).
         rest_frontends: REST front-end processes.
         zmq_frontends: ZMQ front-end processes.
         devices: ``"auto"`` (every CUDA device, else the CPU; see `resolve_devices`) or a tuple of

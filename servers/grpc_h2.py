@@ -1,9 +1,9 @@
-"""gRPC over HTTP/2 on the event loop itself (``grpc_transport: h2``), with `h2` for the HTTP/2 layer.
+"""gRPC over HTTP/2 on the event loop itself (``grpc_transport: h2``), with `servers.http2` for HTTP/2.
 
 Why: grpc.aio hands every call between grpc core's threads and the asyncio loop (its poller thread,
 its event-engine threads, a socket to wake the loop): on a 2-core VM that is ~16 context switches and
 ~200 µs of kernel time per unary call, more than the engine's whole request path. Here one
-`asyncio.Protocol` per connection parses frames with `h2` where the bytes arrive, runs each call's
+`asyncio.Protocol` per connection parses frames (`servers.http2`) where the bytes arrive, runs each call's
 handler as a task on the same loop, and writes every response finished in one loop iteration with one
 ``write``, which also saves the client a wake-up per response.
 
@@ -29,27 +29,24 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import grpc
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 
+from servers import hpack_codec
 from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
+from servers.http2 import ErrorCode, H2ProtocolError, ServerConnection, StreamClosedError
 
 log = logging.getLogger("servers.grpc_h2")
-# hpack logs every decoded header at DEBUG, bearer tokens included: never let it
-logging.getLogger("hpack").setLevel(logging.WARNING)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _RESPONSE_HEADERS = ((b":status", b"200"), (b"content-type", b"application/grpc"))
-_OK_TRAILERS = ((b"grpc-status", b"0"),)
+# the same header blocks every call: encoded once
+_RESPONSE_BLOCK = hpack_codec.encode(_RESPONSE_HEADERS)
+_OK_TRAILERS_BLOCK = hpack_codec.encode(((b"grpc-status", b"0"),))
+_NOT_GRPC_BLOCK = hpack_codec.encode(((b":status", b"415"),))
 #: inbound windows granted per stream (and added to the connection's); larger than 64 KiB so that a
 #: multi-MiB request does not wait a round trip per 64 KiB
 _WINDOW = 1 << 20
@@ -58,38 +55,18 @@ _MAX_FRAME = 1 << 20
 #: seconds a connection we hang up on waits for the peer to close its side (it normally does as soon
 #: as it reads our GOAWAY and end of stream) before it is closed anyway
 FAREWELL_S = 0.5
-#: new streams between two of h2's walks over all streams (see `SweepingH2Connection`)
-SWEEP_EVERY = 16
 
-
-class SweepingH2Connection(h2.connection.H2Connection):
-    """`H2Connection` that walks its streams once per `SWEEP_EVERY` new inbound streams, not at each.
-
-    h2 counts the open inbound streams each time the peer opens one, walking every stream it holds
-    and forgetting the closed ones as it goes: at 500 calls in flight that walk was ~13% of the
-    front-end. The count only guards MAX_CONCURRENT_STREAMS, which this server sets out of reach (it
-    limits calls itself, `max_inflight`), so between walks the last count plus the streams opened
-    since (never less than the truth) does; closed streams are still forgotten, a few walks later.
-    """
-
-    def __init__(self, config: h2.config.H2Configuration) -> None:
-        super().__init__(config)
-        self._counted_open = 0
-        self._opened_since = 0
-
-    @property
-    def open_inbound_streams(self) -> int:
-        self._opened_since += 1
-        if self._opened_since >= SWEEP_EVERY:
-            self._opened_since = 0
-            self._counted_open = super().open_inbound_streams
-        return self._counted_open + self._opened_since
-
-
-class Connection(asyncio.Protocol):
-    """One client connection: HTTP/2 by `h2`, each call a `Call` whose handler runs as a task."""
+class Connection(ServerConnection, asyncio.Protocol):
+    """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
+    whose handler runs as a task."""
 
     def __init__(self, server: H2GrpcServer) -> None:
+        super().__init__(
+            initial_window=_WINDOW,
+            connection_window=16 * _WINDOW,
+            max_frame_size=_MAX_FRAME,
+            max_header_list_size=64 << 10,
+        )
         self.server = server
         self.loop = server.loop
         self.calls: dict[int, Call] = {}
@@ -98,31 +75,6 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._flush_scheduled = False
-        self._hanging_up = False
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-            # h2's per-header checks cost ~10% of the front-end; what this server reads of the
-            # headers (:path, content-type, grpc-timeout, grpc-encoding, authorization) it checks
-            # itself, and HPACK decoding stays strict
-            validate_inbound_headers=False,
-            normalize_inbound_headers=False,
-        )
-        self.h2 = SweepingH2Connection(config)
-        self.h2.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1 << 20,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-                h2.settings.SettingCodes.MAX_FRAME_SIZE: _MAX_FRAME,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: 64 << 10,
-            },
-        )
-        # values given at construction count as agreed, so h2 does not apply this one on the
-        # peer's ACK; the peer sends frames this large only after it has our SETTINGS
-        self.h2.max_inbound_frame_size = _MAX_FRAME
 
     # ---- transport events ----------------------------------------------------------------------
 
@@ -135,10 +87,9 @@ class Connection(asyncio.Protocol):
             self.peer = f"{family}:{peer[0]}:{peer[1]}"  # grpc's spelling of context.peer()
         else:
             self.peer = str(peer)
-        self.h2.initiate_connection()
-        self.h2.increment_flow_control_window(16 * _WINDOW)
+        self.initiate()
         self.server.connections.add(self)
-        self.transport.write(self.h2.data_to_send())
+        self.transport.write(self.data_to_send())
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -149,41 +100,28 @@ class Connection(asyncio.Protocol):
             self.server.all_closed.set()
 
     def data_received(self, data: bytes) -> None:
-        if self._hanging_up:
+        if self.closing:
             return  # read only so that the socket is not closed with bytes in it
         try:
-            events = self.h2.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 queued a GOAWAY naming the error; send it and hang up
+            self.receive(data)
+        except H2ProtocolError as exc:
+            # a GOAWAY naming the error is queued: send it and hang up
             log.debug("grpc h2: closing %s: %s", self.peer, exc)
             self.hang_up()
             return
-        for event in events:
-            if isinstance(event, h2.events.DataReceived):
-                self._on_data(event)
-            elif isinstance(event, h2.events.RequestReceived):
-                self._on_request(event)
-            elif isinstance(event, h2.events.StreamEnded):
-                self._on_end(event.stream_id)
-            elif isinstance(event, h2.events.StreamReset):
-                call = self.calls.get(event.stream_id)
-                if call is not None:
-                    self._drop(call)
-            elif isinstance(event, h2.events.WindowUpdated):
-                self._on_window(event.stream_id)
-            elif isinstance(event, h2.events.RemoteSettingsChanged):
-                # a larger INITIAL_WINDOW_SIZE opens every stream's window without a WINDOW_UPDATE
-                self._on_window(0)
-            elif isinstance(event, h2.events.ConnectionTerminated):
-                self.hang_up()
-                return
         self._write_now()
+
+    def on_reset(self, sid: int) -> None:
+        call = self.calls.get(sid)
+        if call is not None:
+            self._drop(call)
+
+    def on_goaway(self, code: int) -> None:
+        self.hang_up()
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        sid = event.stream_id
-        headers = event.headers or []
+    def on_request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         path = method = content_type = b""
         timeout = encoding = None
         for k, v in headers:
@@ -199,7 +137,8 @@ class Connection(asyncio.Protocol):
                 encoding = v
         if method != b"POST" or not content_type.startswith(b"application/grpc"):
             # not a gRPC request (gRPC over HTTP/2: 415 for a foreign content type)
-            self._send(lambda: self.h2.send_headers(sid, ((b":status", b"415"),), end_stream=True))
+            self.send_headers(sid, _NOT_GRPC_BLOCK, end_stream=True)
+            self._schedule_flush()
             return
         server = self.server
         name = path.decode("latin-1")
@@ -234,14 +173,12 @@ class Connection(asyncio.Protocol):
         if handler.request_streaming:
             call.task = self.loop.create_task(self._run(call))
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        sid = event.stream_id
+    def on_data(self, sid: int, data: bytes, flow_len: int) -> None:
         call = self.calls.get(sid)
         if call is None or call.done:
             # an answered or refused call's leftovers: free the window, drop the bytes
-            self._ack(sid, event.flow_controlled_length)
+            self.acknowledge(sid, flow_len)
             return
-        data = event.data
         buf = call.buf
         limit = self.server.max_message_bytes
         if not buf and len(data) >= 5 and len(data) == 5 + int.from_bytes(data[1:5], "big") <= 5 + limit:
@@ -252,7 +189,7 @@ class Connection(asyncio.Protocol):
             while len(buf) >= 5:
                 size = int.from_bytes(buf[1:5], "big")
                 if size > limit:
-                    self._ack(sid, event.flow_controlled_length)
+                    self.acknowledge(sid, flow_len)
                     self._finish(
                         call,
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -269,9 +206,9 @@ class Connection(asyncio.Protocol):
                     break
         if call.handler.request_streaming and not call.done:
             # granted as the handler reads: a client streaming faster than it is answered waits
-            call.unacked += event.flow_controlled_length
+            call.unacked += flow_len
         else:
-            self._ack(sid, event.flow_controlled_length)
+            self.acknowledge(sid, flow_len)
 
     def _take(self, call: Call, flag: int, message: bytes) -> None:
         if flag:
@@ -295,7 +232,7 @@ class Connection(asyncio.Protocol):
         else:
             call.messages.append(message)
 
-    def _on_end(self, sid: int) -> None:
+    def on_end(self, sid: int) -> None:
         call = self.calls.get(sid)
         if call is None:
             return
@@ -312,11 +249,6 @@ class Connection(asyncio.Protocol):
         else:
             call.task = self.loop.create_task(self._run(call))
 
-    def _ack(self, sid: int, size: int) -> None:
-        if size:
-            with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                self.h2.acknowledge_received_data(size, sid)
-
     def _wake_reader(self, call: Call) -> None:
         waiter = call.waiter
         if waiter is not None and not waiter.done():
@@ -329,7 +261,7 @@ class Connection(asyncio.Protocol):
             await call.waiter
         raw = call.messages.popleft()
         if call.unacked and not call.done:
-            self._ack(call.sid, call.unacked)
+            self.acknowledge(call.sid, call.unacked)
             call.unacked = 0
             self._schedule_flush()
         if raw is END:
@@ -403,13 +335,13 @@ class Connection(asyncio.Protocol):
         try:
             if not call.headers_sent:
                 call.headers_sent = True
-                self.h2.send_headers(call.sid, _RESPONSE_HEADERS)
+                self.send_headers(call.sid, _RESPONSE_BLOCK)
             frame = b"\0" + len(payload).to_bytes(4, "big") + payload
             if call.pending:
                 call.pending.append(memoryview(frame))
             else:
                 self._send_data(call, memoryview(frame))
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except StreamClosedError:
             self._drop(call)
             raise asyncio.CancelledError() from None
         self._schedule_flush()
@@ -421,15 +353,15 @@ class Connection(asyncio.Protocol):
         """Send what the windows allow; keep the rest in ``call.pending`` until they open."""
         sid = call.sid
         while data:
-            room = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            room = min(self.window(sid), self.max_outbound_frame_size)
             if room <= 0:
                 call.pending.appendleft(data)
                 self.blocked.add(call)
                 return
-            self.h2.send_data(sid, data[:room].tobytes())
+            self.send_data(sid, data[:room])
             data = data[room:]
 
-    def _on_window(self, sid: int) -> None:
+    def on_window(self, sid: int) -> None:
         if not self.blocked:
             return
         if sid == 0:
@@ -443,7 +375,7 @@ class Connection(asyncio.Protocol):
                     self._send_data(call, call.pending.popleft())
                     if call.pending:
                         break
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            except StreamClosedError:
                 self._drop(call)
                 continue
             if not call.pending:
@@ -459,31 +391,28 @@ class Connection(asyncio.Protocol):
             return
         call.done = True
         self._retire(call)
-        status = str(code.value[0]).encode()
-        trailers: tuple[tuple[bytes, bytes], ...]
         if code is grpc.StatusCode.OK and not details:
-            trailers = _OK_TRAILERS
+            block = _OK_TRAILERS_BLOCK
         else:
-            trailers = ((b"grpc-status", status), (b"grpc-message", encode_message(details)))
+            status = str(code.value[0]).encode()
+            block = hpack_codec.encode(((b"grpc-status", status), (b"grpc-message", encode_message(details))))
         if not call.headers_sent:
             call.headers_sent = True
-            trailers = _RESPONSE_HEADERS + trailers  # trailers-only answer
-        call.trailers = trailers
+            block = _RESPONSE_BLOCK + block  # trailers-only answer
+        call.trailers = block
         if not call.pending:
             self._send_trailers(call)
         self._schedule_flush()
 
     def _send_trailers(self, call: Call) -> None:
-        trailers, call.trailers = call.trailers, None
-        if trailers is None:
+        block, call.trailers = call.trailers, None
+        if block is None:
             return
-        try:
-            self.h2.send_headers(call.sid, trailers, end_stream=True)
+        with contextlib.suppress(StreamClosedError):
+            self.send_headers(call.sid, block, end_stream=True)
             if not call.request_closed:
                 # answered before the client finished sending: it need not go on
-                self.h2.reset_stream(call.sid, h2.errors.ErrorCodes.NO_ERROR)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            pass
+                self.reset_stream(call.sid, ErrorCode.NO_ERROR)
         self.calls.pop(call.sid, None)
 
     def _drop(self, call: Call) -> None:
@@ -518,9 +447,9 @@ class Connection(asyncio.Protocol):
         for call in list(self.calls.values()):
             self._finish(call, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
-    def goaway(self) -> None:
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.h2.close_connection()
+    def goodbye(self) -> None:
+        """GOAWAY, then hang up."""
+        self.goaway()
         self.hang_up()
 
     def hang_up(self) -> None:
@@ -534,9 +463,11 @@ class Connection(asyncio.Protocol):
         """
         self._write_now()
         transport = self.transport
-        if self._hanging_up or transport is None or transport.is_closing():
+        if transport is None or transport.is_closing():
             return
-        self._hanging_up = True
+        if self.closing:
+            return
+        self.closing = True
         for call in list(self.calls.values()):
             self._drop(call)
         if not transport.can_write_eof():
@@ -547,11 +478,6 @@ class Connection(asyncio.Protocol):
         self.loop.call_later(FAREWELL_S, transport.close)
 
     # ---- writing ---------------------------------------------------------------------------------
-
-    def _send(self, action: Callable[[], None]) -> None:
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-            action()
-        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         # every answer finished in this loop iteration goes out in one write
@@ -564,8 +490,8 @@ class Connection(asyncio.Protocol):
         self._write_now()
 
     def _write_now(self) -> None:
-        data = self.h2.data_to_send()
-        if data and self.transport is not None and not self._hanging_up and not self.transport.is_closing():
+        data = self.data_to_send()
+        if data and self.transport is not None and not self.closing and not self.transport.is_closing():
             self.transport.write(data)
 
 
@@ -621,7 +547,7 @@ class H2GrpcServer:
         self.all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.cancel_all()
-            conn.goaway()
+            conn.goodbye()
         if self.connections:
             # each connection closes itself within FAREWELL_S; the margin covers the close callbacks
             with contextlib.suppress(asyncio.TimeoutError):

@@ -90,7 +90,8 @@ class Call:
         self.task: asyncio.Task[None] | None = None
         self.headers_sent = False
         self.pending: deque[memoryview] = deque()
-        self.trailers: tuple[tuple[bytes, bytes], ...] | None = None
+        #: the trailers' header block, once the call is answered
+        self.trailers: bytes | None = None
         self.drained: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.done = False
