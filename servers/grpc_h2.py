@@ -55,6 +55,10 @@ _MAX_FRAME = 1 << 20
 #: seconds a connection we hang up on waits for the peer to close its side (it normally does as soon
 #: as it reads our GOAWAY and end of stream) before it is closed anyway
 FAREWELL_S = 0.5
+#: bytes waiting in a connection's write buffer above which its peer is no longer read (until they
+#: drain): a peer that sends without reading (a PING flood, requests it never collects) must not grow
+#: this process's memory without bound
+WRITE_BUFFER_HIGH = 4 << 20
 
 class Connection(ServerConnection, asyncio.Protocol):
     """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
@@ -81,6 +85,7 @@ class Connection(ServerConnection, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             family = "ipv6" if ":" in str(peer[0]) else "ipv4"
@@ -98,6 +103,15 @@ class Connection(ServerConnection, asyncio.Protocol):
         self.transport = None
         if not self.server.connections and self.server.all_closed is not None:
             self.server.all_closed.set()
+
+    def pause_writing(self) -> None:
+        # the peer reads slower than it is answered: read nothing more from it until it catches up
+        if self.transport is not None and not self.closing:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.closing:

@@ -8,6 +8,7 @@ tests/unit/test_grpc_server.py and tests/integration/test_frontends_grpc.py run 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ import h2.settings
 import pytest
 import uvloop
 
+from servers import grpc_h2, http2
 from servers.grpc_h2 import H2GrpcServer
 from servers.grpc_h2_call import encode_message, parse_timeout
 from servers.grpc_handlers import BearerAuth
@@ -461,6 +463,43 @@ def test_stop_hangs_up_without_a_reset_when_the_peer_sent_more() -> None:
         assert not server.connections
 
     uvloop.run(main())
+
+
+def test_a_peer_that_sends_without_reading_is_not_buffered_for_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every PING is answered; a peer that floods PINGs and reads nothing would otherwise have the
+    # answers pile up in the server's write buffer for as long as it keeps sending
+    monkeypatch.setattr(grpc_h2, "WRITE_BUFFER_HIGH", 64 << 10)
+
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        assert await channel.unary_unary("/t.T/Echo")(b"up", timeout=TIMEOUT_S) == b"up"
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", channel_port(server)))
+        _reader, writer = await asyncio.open_connection(sock=sock)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        writer.write(client.data_to_send())
+        await until(lambda: len(server.connections) == 2)
+        (conn,) = (c for c in server.connections if c.peer.endswith(f":{sock.getsockname()[1]}"))
+        assert conn.transport is not None
+        pings = b"".join(http2.frame(http2.PING, 0, 0, b"%08d" % i) for i in range(4096))  # 68 KiB
+        sent = 0
+        while sent < 12 << 20:
+            writer.write(pings)
+            sent += len(pings)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except TimeoutError:
+                break  # the server stopped reading us
+        assert conn.transport.get_write_buffer_size() < 1 << 20
+        writer.close()
+        # the other connection was never held up
+        assert await channel.unary_unary("/t.T/Echo")(b"fine", timeout=TIMEOUT_S) == b"fine"
+
+    run(scenario)
 
 
 def test_a_peer_goaway_drops_its_calls_and_ends_the_connection() -> None:
