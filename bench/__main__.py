@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "metrics": ("bench.metrics_overhead", "requests/s with metrics on vs off (the cost of observability)"),
     "load": ("bench.load", "closed/open-loop or burst load over gRPC, ZMQ or REST; HDR percentiles"),
     "scenario": ("bench.scenarios", "a named load: latency, throughput, seed, burst"),
+    "h2load": ("bench.h2load", "gRPC load from h2load (a C client): engine and echo floor, answers checked"),
     "compare": ("bench.compare", "one load against the engine, compute floor, echo floor and baselines"),
     "report": ("bench.report", "plots and BENCHMARKS.md tables from the JSON results (--run: measure)"),
 }

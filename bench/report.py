@@ -147,6 +147,15 @@ def run_all(
     write_json(measure_idle(3.0 if quick else IDLE_SECONDS, settings), results_dir / "idle.json")
     profile = run_profile(3.0 if quick else PROFILE_SECONDS, progress, settings)
     write_json(profile, results_dir / "profile-grpc-c64.json")
+    from bench import h2load
+
+    if h2load.available():
+        streams, requests = ([8], 300) if quick else ([64, 500], 40_000)
+        h2load_report = h2load.run_report(["engine", "echo"], streams, requests)
+        write_json(h2load_report, results_dir / "h2load.json")
+        print(h2load.format_table(h2load_report["results"]), flush=True)
+    else:
+        print("h2load not on PATH: its table is not remeasured", flush=True)
 
 
 # ---- plots and Markdown ------------------------------------------------------------------------------

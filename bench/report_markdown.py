@@ -122,6 +122,17 @@ def targets_table(results_dir: Path) -> str:
             f"{rest['rps'] / fastapi['rps']:.2f}x ({rest['rps']:.0f} / {fastapi['rps']:.0f})",
             rest["rps"] >= 2 * fastapi["rps"],
         )
+    h2load = read_result(results_dir / "h2load.json")
+    for r in h2load["results"] if h2load else ():
+        if r["server"] == "engine" and r["streams"] in (64, 500):
+            latency_key, goal = ("p99_ms", 35.0) if r["streams"] == 64 else ("p95_ms", 100.0)
+            add(
+                f"gRPC c={r['streams']} with a C client (h2load)",
+                f">= 5,000 req/s, {latency_key[:3]} < {goal:g} ms, 0 errors",
+                f"{r['rps']:.0f} req/s, {latency_key[:3]} {_f(r.get(latency_key))} ms, "
+                f"{r['grpc_ok']} OK of {r['requests']}",
+                r["rps"] >= 5000 and (r.get(latency_key) or goal) < goal and r["grpc_ok"] == r["requests"],
+            )
     idle = read_result(results_dir / "idle.json")
     if idle:
         add(
@@ -233,6 +244,14 @@ def generated_blocks(results_dir: Path, image_prefix: str) -> dict[str, str]:
             + cpu_table(profile)
             + "\n\n"
             + profile_tables(profile)
+        )
+    h2load = read_result(results_dir / "h2load.json")
+    if h2load:
+        from bench.h2load import format_table as h2load_table
+
+        blocks["h2load"] = (
+            f"h2load, {h2load['requests']} requests per row after a warm-up, one HTTP/2 connection, "
+            f"measured {h2load['time']}\n\n{h2load_table(h2load['results'])}"
         )
     blocks["plots"] = (
         f"![latency by percentile at concurrency 64]({image_prefix}latency-cdf.png)\n\n"
