@@ -152,6 +152,7 @@ class Connection(ServerConnection, asyncio.Protocol):
         if method != b"POST" or not content_type.startswith(b"application/grpc"):
             # not a gRPC request (gRPC over HTTP/2: 415 for a foreign content type)
             self.send_headers(sid, _NOT_GRPC_BLOCK, end_stream=True)
+            self.reset_stream(sid, ErrorCode.NO_ERROR)  # (when its request has not ended: it need not go on)
             self._schedule_flush()
             return
         server = self.server

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import pytest
@@ -321,7 +322,9 @@ def test_bytes_that_are_not_http2_close_only_that_connection() -> None:
     run(scenario)
 
 
-def test_a_foreign_content_type_is_answered_415() -> None:
+@pytest.mark.parametrize("request_ended", [True, False])
+def test_a_foreign_content_type_is_answered_415(request_ended: bool) -> None:
+    # a request still open when answered is reset (NO_ERROR): its stream is not kept for the peer
     async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", channel_port(server))
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
@@ -334,17 +337,23 @@ def test_a_foreign_content_type_is_answered_415() -> None:
             (":authority", "x"),
             ("content-type", "text/plain"),
         ]
-        client.send_headers(1, headers, end_stream=True)
+        client.send_headers(1, headers, end_stream=request_ended)
         writer.write(client.data_to_send())
         status = None
-        while status is None:
+        reset = None
+        while status is None or not (request_ended or reset is not None):
             data = await reader.read(65536)
             assert data, "the server hung up without answering"
             for event in client.receive_data(data):
                 if isinstance(event, h2.events.ResponseReceived):
                     status = dict(event.headers)[":status"]
+                elif isinstance(event, h2.events.StreamReset):
+                    reset = event.error_code
             writer.write(client.data_to_send())
         assert status == "415"
+        assert reset in (None if request_ended else h2.errors.ErrorCodes.NO_ERROR,)
+        (conn,) = server.connections
+        assert conn.streams == {}
         writer.close()
 
     run(scenario)
