@@ -24,6 +24,12 @@ for _i, (_name, _) in enumerate(STATIC_TABLE, 1):
 ENTRY_OVERHEAD = 32
 #: integers longer than this many continuation bytes are refused (28 bits is > any size we accept)
 _MAX_INT_BYTES = 4
+#: Huffman strings decoded before, by their encoding. Some encoders send a field as a literal every
+#: time (nghttp2 never indexes ``:path``), and `decode_huffman` is pure Python: ~15 µs for a method
+#: path. Short strings only, and cleared when full, so a peer sending endless new ones gains nothing.
+_HUFFMAN_CACHE: dict[bytes, bytes] = {}
+_HUFFMAN_CACHE_ENTRIES = 1024
+_HUFFMAN_CACHE_LONGEST = 256
 
 
 class HPACKError(Exception):
@@ -60,10 +66,17 @@ def _string(data: bytes, pos: int) -> tuple[bytes, int]:
         raise HPACKError("string longer than its block")
     raw = data[pos:end]
     if huffman:
-        try:
-            raw = decode_huffman(raw)
-        except Exception as exc:  # hpack's HPACKDecodingError: bad code or padding
-            raise HPACKError(f"invalid Huffman string: {exc}") from None
+        decoded = _HUFFMAN_CACHE.get(raw)
+        if decoded is None:
+            try:
+                decoded = decode_huffman(raw)
+            except Exception as exc:  # hpack's HPACKDecodingError: bad code or padding
+                raise HPACKError(f"invalid Huffman string: {exc}") from None
+            if length <= _HUFFMAN_CACHE_LONGEST:
+                if len(_HUFFMAN_CACHE) >= _HUFFMAN_CACHE_ENTRIES:
+                    _HUFFMAN_CACHE.clear()
+                _HUFFMAN_CACHE[raw] = decoded
+        raw = decoded
     return raw, end
 
 

@@ -13,6 +13,7 @@ import hpack
 import pytest
 from hpack import HeaderTuple, NeverIndexedHeaderTuple
 
+from servers import hpack_codec
 from servers.hpack_codec import STATIC_TABLE, Decoder, HPACKError, encode, table_size_update
 
 Header = tuple[bytes, bytes]
@@ -654,3 +655,21 @@ def test_fuzz_mutated_blocks_only_raise_hpack_error(huffman: bool) -> None:
             agreed += 1
     assert agreed > 0
     assert [_dynamic_table(state) for state, _, _ in states] == snapshots  # the clones were independent
+
+
+def test_huffman_strings_decoded_before_come_from_a_bounded_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # some encoders send the same literal every request (nghttp2 never indexes :path): decoded once
+    monkeypatch.setattr(hpack_codec, "_HUFFMAN_CACHE", {})
+    monkeypatch.setattr(hpack_codec, "_HUFFMAN_CACHE_ENTRIES", 4)
+    path = (b":path", b"/inference.GRPCInferenceService/ModelInfer")
+    block = hpack.Encoder().encode([path], huffman=True)  # a fresh encoder: a literal every time
+    decoder = hpack_codec.Decoder()
+    assert decoder.decode(block) == [path]
+    assert decoder.decode(block) == [path]
+    assert list(hpack_codec._HUFFMAN_CACHE.values()) == [path[1]]  # the name is the static table's
+    for i in range(10):  # new strings: the cache is emptied when full, never grows past its bound
+        decoder.decode(hpack.Encoder().encode([(b"x-key", b"value %d" % i)], huffman=True))
+        assert len(hpack_codec._HUFFMAN_CACHE) <= 4
+    assert decoder.decode(block) == [path]
+    with pytest.raises(hpack_codec.HPACKError):  # an invalid string is refused, cached or not
+        decoder.decode(b"\x00\x81\xff\x81\xff")
