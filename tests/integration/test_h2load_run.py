@@ -16,5 +16,4 @@ def test_a_short_run_against_the_engine_and_the_echo_floor() -> None:
     assert [(r["server"], r["streams"]) for r in results] == [("engine", 8), ("echo", 8)]
     for result in results:
         assert h2load._complete(result), result
-        assert result["rps"] > 0
-        assert result["server_us_per_request"] > 0
+        assert result["done"] == 300
