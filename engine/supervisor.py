@@ -299,7 +299,7 @@ class Supervisor:
         limit = int(self.config.hang_timeout_s * 1e9)
         for child in self.children:
             proc = child.process
-            if proc is None or proc.pid is None or not proc.is_alive():
+            if proc is None or proc.pid is None or proc.pid == child.killed_pid or not proc.is_alive():
                 continue
             slot = self.slot(child)
             if control.load_u64(slot + F_STATE) != PROC_UP:
@@ -313,6 +313,7 @@ class Supervisor:
                     age / 1e9,
                     self.config.hang_timeout_s,
                 )
+                child.killed_pid = proc.pid
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGKILL)
 

@@ -40,6 +40,8 @@ class Child:
     restart_at: float | None = None
     port: int = 0
     embedded: bool = False
+    #: the pid SIGKILLed as hung: until its exit is seen, it is not killed (nor logged) again
+    killed_pid: int | None = None
 
 
 def process_entry(supervisor: Supervisor, child: Child) -> tuple[Callable[[Any], None], Any]:

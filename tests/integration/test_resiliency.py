@@ -280,7 +280,7 @@ def stopped(pid: int) -> Iterator[None]:
 
 
 def test_deadline_answered_while_worker_hangs_then_hang_restarts_it(
-    harness_factory: Any, repo: RepoBuilder
+    harness_factory: Any, repo: RepoBuilder, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo.builtin("identity")
     harness = harness_factory(
@@ -339,5 +339,8 @@ def test_deadline_answered_while_worker_hangs_then_hang_restarts_it(
     harness.wait_for(up_again, RESTART_S, "the worker to be restarted")
     assert process(harness, "worker")["restarts"] == 1
     assert harness.engine.supervisor.failed is None
+    # killed and reported once, not at every supervisor tick until its exit was seen
+    kills = [r for r in caplog.records if "missed its heartbeat" in r.getMessage()]
+    assert [str(pid) in k.getMessage() for k in kills] == [True]
     np.testing.assert_array_equal(outcome(harness, "identity", rows(6.0)), np.full((1, 4), 6.0, np.float32))
     wait_idle(harness)
