@@ -320,14 +320,14 @@ class ServerConnection:
             payload = data[pos + 9 : stop]
             pos = stop
             sid &= 0x7FFFFFFF
+            if not self._settings_seen and ftype != SETTINGS:
+                raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
             if self._block is not None:
                 self._continuation(ftype, flags, sid, payload)
             elif ftype == DATA:
                 self._data(flags, sid, payload)
             elif ftype == HEADERS:
                 self._headers(flags, sid, payload)
-            elif not self._settings_seen and ftype != SETTINGS:
-                raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
             elif ftype == WINDOW_UPDATE:
                 self._window_update(sid, payload)
             elif ftype == SETTINGS:
@@ -364,8 +364,6 @@ class ServerConnection:
         return payload
 
     def _data(self, flags: int, sid: int, payload: bytes) -> None:
-        if not self._settings_seen:
-            raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
         flow_len = len(payload)
         self.recv_window -= flow_len
         if self.recv_window < 0:
@@ -389,8 +387,6 @@ class ServerConnection:
             self._end_remote(sid)
 
     def _headers(self, flags: int, sid: int, payload: bytes) -> None:
-        if not self._settings_seen:
-            raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
         if sid == 0:
             raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "HEADERS on stream 0")
         block = self._unpad(flags, payload)
