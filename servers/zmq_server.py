@@ -1,37 +1,38 @@
-"""The ZMQ front-end: a ROUTER socket that speaks `servers.zmq_protocol` to a `Gateway`.
+"""The ZMQ front-end: a ROUTER that speaks `servers.zmq_protocol` to a `Gateway`, over our own ZMTP.
 
-The socket is a plain (not zmq.asyncio) one driven by the event loop: a reader on its ``ZMQ_FD``
-takes every message waiting (non-blocking, up to `RECV_BATCH` per turn of the loop), and replies are
-sent at once with ``NOBLOCK`` (a ROUTER never blocks: a peer past its high-water mark loses the
-reply). zmq.asyncio's futures, per-call event registration and flag enums cost a third of this
-process's CPU per request. ``ZMQ_FD`` is edge-triggered, so after every send the pending events are
-looked at again (`_rearm`). Messages are read without copying (``copy=False``: tensor data stay in
-the frames ZMQ received and reach the gateway as memoryviews). PING and METADATA are answered inline;
-each inference runs in its own task, so any number of requests from any number of DEALER clients are
-in flight at once, bounded by ``max_inflight`` (beyond it: an immediate RESOURCE_EXHAUSTED reply).
+Any ZMQ DEALER (or REQ, or ROUTER) peer connects over TCP; `servers.zmtp` speaks ZMTP 3.x on the event
+loop itself, one `asyncio.Protocol` per connection, with no libzmq: a message is parsed where its bytes
+arrive and every reply finished in one loop iteration goes out in one ``write`` (libzmq's I/O thread,
+pyzmq's per-frame sends and the edge-triggered ``ZMQ_FD`` cost ~70 of the ~190 µs of CPU this process
+spent per request). Tensor frames reach the gateway as views of the received bytes, never copied
+here. PING and METADATA are answered inline; each inference runs in its own task, so any number of
+requests from any number of peers are in flight at once, bounded by ``max_inflight`` (beyond it: an
+immediate RESOURCE_EXHAUSTED reply). Replies go back on the connection their request came in on.
 
 Limits and their failure modes:
 
-- ``MAXMSGSIZE`` is set to ``settings.max_message_bytes``. libzmq applies it to each *frame* and, when
-  a peer sends a larger one, drops that peer's connection without a reply (our clients see the drop
-  and fail that request, and any other in flight on the connection, with UNAVAILABLE; the socket
-  reconnects by itself). The server also sums the frames of every message it does receive and
-  answers an over-size message with RESOURCE_EXHAUSTED.
-- At stop, requests in flight get `DRAIN_TIMEOUT_S` to finish, and the socket stays open
+- A frame over ``settings.max_message_bytes`` drops the peer's connection without a reply, before
+  any of it is buffered (as libzmq does with ``ZMQ_MAXMSGSIZE``; our clients see the drop and fail
+  that request, and any other in flight on the connection, with UNAVAILABLE; a DEALER reconnects by
+  itself). A message whose frames add up to more is answered RESOURCE_EXHAUSTED (only its first frame
+  is kept). A message of more frames than any request has is a protocol error (dropped too).
+- A peer that has not finished the ZMTP handshake within `HANDSHAKE_TIMEOUT_S` is dropped; one that
+  sends without reading stops being read while `WRITE_BUFFER_HIGH` bytes of its replies wait.
+- At stop, requests in flight get `DRAIN_TIMEOUT_S` to finish, and the connections stay open
   `FAREWELL_S` after the last reply: a DEALER with ``ZMQ_IMMEDIATE`` discards the replies it has not
   read when its connection drops.
 - A malformed message of any kind gets an ERROR reply (request id 0 when even the header is
-  unreadable) and the loop goes on. Only DEALER-style peers (no empty delimiter frame) are supported.
+  unreadable) and the connection goes on; a ZMTP protocol error ends the connection.
 - Auth: with ``settings.auth_tokens`` set, REQUEST and METADATA must carry one of them
   (constant-time compare) or get UNAUTHENTICATED (code 16). PING needs no token (health probes
   learn only readiness) unless ``settings.auth_health_open`` is false.
-- ``settings.reuse_port`` cannot apply: libzmq has no SO_REUSEPORT option, so one process owns the port.
+- ``settings.reuse_port`` binds with SO_REUSEPORT, so several front-end processes can share the port.
 
 Replies: output arrays may be views into shared memory that stay valid only until
-``result.release()``. Replies under `ZERO_COPY_THRESHOLD` bytes are copied into ZMQ by the send
-itself and released right after it. Larger outputs are sent zero-copy in tracked frames and released once
-ZMQ's ``MessageTracker`` reports it no longer needs the memory (polled by `_Releaser`). A peer that
-never reads keeps those results (at most its send high-water mark worth) until it disconnects.
+``result.release()``. They are written without a copy of their own; a result is released once the
+transport holds none of its bytes: right after the write for the usual reply that the kernel takes at
+once, else when the connection's write buffer has drained (checked after later writes and by a
+backing-off timer), or when the connection is lost.
 """
 
 from __future__ import annotations
@@ -40,16 +41,14 @@ import asyncio
 import hmac
 import logging
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import cast
 
-import zmq
-
-from engine.errors import EngineError, InternalError, ResourceExhausted
+from engine.errors import EngineError, InternalError, ResourceExhausted, Unavailable
 from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
 from servers.observer import current as current_observer
 from servers.zmq_protocol import (
+    MAX_TENSORS,
     MsgType,
     Request,
     Unauthenticated,
@@ -62,33 +61,35 @@ from servers.zmq_protocol import (
     model_metadata,
     peek_request_id,
 )
+from servers.zmtp import ServerConnection, ZmtpError
 
 log = logging.getLogger(__name__)
 
 #: In-flight inference requests per front-end process when the settings name no other bound.
 DEFAULT_MAX_INFLIGHT = 4096
-#: Replies smaller than this are copied into ZMQ: pyzmq copies frames under its own
-#: ``zmq.COPY_THRESHOLD`` (64 KiB) even when asked not to, and below it a memcpy costs less than a
-#: tracker plus the deferred release.
-ZERO_COPY_THRESHOLD = 64 * 1024
-#: Send/receive high-water mark in messages per peer: bounds what a slow or flooding peer can queue.
-HIGH_WATER_MARK = 10_000
 #: Longest relative deadline honoured (about 11.6 days); larger ones are clamped so that the
 #: absolute deadline stays a small int64.
 MAX_TIMEOUT_US = 10**12
 #: How long `serve` lets in-flight requests finish after ``stop`` is set.
 DRAIN_TIMEOUT_S = 5.0
-#: How long the socket stays open after the last reply before it closes at stop. A client DEALER
-#: with ZMQ_IMMEDIATE (ours) discards the replies it has not read yet when the connection drops,
-#: so closing right after the drain lost answers of drained requests (8 of 20 in a unit test).
+#: How long the connections stay open after the last reply before they close at stop. A client
+#: DEALER with ZMQ_IMMEDIATE (ours) discards the replies it has not read yet when the connection
+#: drops, so closing right after the drain lost answers of drained requests (8 of 20 in a unit test).
 FAREWELL_S = 0.1
-#: Messages taken per turn of the event loop before the rest wait for the next turn: the loop must
-#: also run the completions that answer them.
-RECV_BATCH = 256
-
-_POLLIN = int(zmq.POLLIN)
-_NOBLOCK = int(zmq.NOBLOCK)
-_MORE_NOBLOCK = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+#: Replies of at least this many bytes are written without a copy (one vectored write of the
+#: loop iteration's replies); smaller ones are copied into one buffer with the others, which costs
+#: less than the transport keeping many small pieces.
+ZERO_COPY_THRESHOLD = 64 * 1024
+#: Seconds a new connection has to complete the ZMTP greeting and READY handshake.
+HANDSHAKE_TIMEOUT_S = 10.0
+#: Bytes waiting in a connection's write buffer above which its peer is no longer read (until they
+#: drain): a peer that sends without reading must not grow this process's memory without bound.
+WRITE_BUFFER_HIGH = 4 << 20
+#: Frames in one message beyond which the peer is dropped: the header, one per tensor, and a REQ
+#: peer's delimiter.
+MAX_FRAMES = MAX_TENSORS + 2
+#: How long `run` waits for closed connections to say goodbye at stop.
+CLOSE_WAIT_S = 1.0
 
 
 async def serve(
@@ -110,8 +111,181 @@ async def serve(
     await ZmqFrontend(gateway, settings, max_inflight=max_inflight).run(on_bound, stop)
 
 
+class Peer(ServerConnection, asyncio.Protocol):
+    """One peer's TCP connection: ZMTP (`ServerConnection`) on an asyncio transport. Messages go to
+    the front-end's `ZmqFrontend.dispatch`; replies are queued by `send` and written once per loop
+    iteration."""
+
+    def __init__(self, frontend: ZmqFrontend) -> None:
+        limit = frontend.settings.max_message_bytes
+        super().__init__(max_frame_bytes=limit, max_message_bytes=limit, max_frames=MAX_FRAMES)
+        self.frontend = frontend
+        self.loop = frontend.loop
+        self.transport: asyncio.Transport | None = None
+        self.name = "?"
+        self._flush_scheduled = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        #: results whose outputs are queued for the next write
+        self._queued: list[InferResult] = []
+        #: results whose outputs the transport may still hold (written, not yet sent)
+        self._held: list[InferResult] = []
+        self._held_timer: asyncio.TimerHandle | None = None
+        self._held_delay = 0.0
+        self._large = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, tuple) and len(peername) >= 2:
+            self.name = f"{peername[0]}:{peername[1]}"
+        self.frontend.peers.add(self)
+        self._handshake_timer = self.loop.call_later(HANDSHAKE_TIMEOUT_S, self._handshake_expired)
+        self._write_now()  # greeting and READY
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.frontend.peers.discard(self)
+        self.transport = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+        self.data_to_send()
+        self._release(self._queued)
+        self._release(self._held)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.receive(data)
+        except ZmtpError as exc:
+            log.warning("%s: dropping %s: %s", self.frontend.prefix, self.name, exc)
+            self.hang_up()
+            return
+        if self.has_output():
+            # the answers given inline (PING, METADATA, errors) to everything this chunk held: written
+            # now, not at the end of the loop iteration, which a peer that floods us may hold off
+            # for dozens of reads (and the write is what pauses reading a peer that does not read)
+            self._write_now()
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.frontend.stopping:
+            self.transport.resume_reading()
+
+    # -- ZMTP events --------------------------------------------------------------------------------
+
+    def on_ready(self) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+
+    def on_message(self, frames: list[memoryview], nbytes: int) -> None:
+        self.frontend.dispatch(self, frames, nbytes)
+
+    # -- replies ------------------------------------------------------------------------------------
+
+    def send(
+        self, frames: Sequence[Buffer], result: InferResult | None = None, *, large: bool = False
+    ) -> bool:
+        """Queue a reply; ``result`` (whose outputs ``frames`` may view) is released once they are
+        sent. ``large`` (at least `ZERO_COPY_THRESHOLD` bytes): written from where it lies instead of
+        copied into one buffer with the other replies. False when the connection is gone (the result
+        is released at once)."""
+        if self.transport is None or self.transport.is_closing():
+            if result is not None:
+                self._release([result])
+            return False
+        self.send_message(frames)
+        if result is not None:
+            self._queued.append(result)
+        self._large |= large
+        self._schedule_flush()
+        return True
+
+    def _schedule_flush(self) -> None:
+        # every reply finished in this loop iteration goes out in one write
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._write_now()
+
+    def _write_now(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        out = self.data_to_send()
+        copied = True
+        if self._large:
+            # one vectored write, no copy: the transport references what the kernel did not take
+            self._large = False
+            transport.writelines(cast(list[bytes], out))
+            copied = False
+        elif out:
+            transport.write(b"".join(cast(list[bytes], out)))
+        queued = self._queued
+        if queued:
+            self._queued = []
+            if copied or not transport.get_write_buffer_size():
+                self._release(queued)
+            else:
+                self._hold(queued)
+
+    def _hold(self, results: list[InferResult]) -> None:
+        self._held.extend(results)
+        if self._held_timer is None:
+            self._held_delay = 0.0002
+            self._held_timer = self.loop.call_later(self._held_delay, self._check_held)
+
+    def _check_held(self) -> None:
+        self._held_timer = None
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size():
+            self._held_delay = min(self._held_delay * 2, 0.01)
+            self._held_timer = self.loop.call_later(self._held_delay, self._check_held)
+            return
+        held, self._held = self._held, []
+        self._release(held)
+
+    def _release(self, results: list[InferResult]) -> None:
+        for result in results:
+            try:
+                result.release()
+            except Exception:
+                log.exception("%s: releasing a result failed", self.frontend.prefix)
+        results.clear()
+
+    # -- ending -------------------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        log.warning(
+            "%s: dropping %s: no ZMTP handshake in %.0f s",
+            self.frontend.prefix,
+            self.name,
+            HANDSHAKE_TIMEOUT_S,
+        )
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        """Write what is queued (an ERROR command, replies) and close."""
+        transport = self.transport
+        if transport is None:
+            return
+        self._write_now()
+        transport.close()
+
+
 class ZmqFrontend:
-    """The ROUTER socket, its receive loop and the per-request tasks (see the module docstring).
+    """The listening socket, its connections (`Peer`) and the per-request tasks (see the module
+    docstring).
 
     Args:
         gateway: where requests go.
@@ -128,61 +302,52 @@ class ZmqFrontend:
         self.settings = settings
         self.max_inflight = max_inflight
         self.prefix = f"frontend zmq#{settings.instance}"
+        self.peers: set[Peer] = set()
+        self.stopping = False
         self._tokens = tuple(t.encode() for t in settings.auth_tokens)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._releaser = _Releaser(self.prefix)
-        self._sock: zmq.Socket[bytes] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._read_scheduled = False
         self._replied_at = 0.0  # time.monotonic() of the last reply sent
         self._observer = current_observer("zmq", gateway.model_names())
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None, "not running"
+        return self._loop
+
     async def run(self, on_bound: Callable[[int], None], stop: asyncio.Event) -> None:
         """Bind, report the port, serve until ``stop`` is set, then drain and close everything."""
-        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        sock = ctx.socket(zmq.ROUTER)
-        loop = asyncio.get_running_loop()
-        fd: int | None = None
+        self._loop = asyncio.get_running_loop()
+        server = await self._loop.create_server(
+            lambda: Peer(self),
+            self.settings.host,
+            self.settings.port,
+            reuse_port=self.settings.reuse_port or None,
+            backlog=1024,
+        )
         try:
-            port = self._bind(sock)
-            self._sock = sock
-            self._loop = loop
-            log.info("%s: listening on tcp://%s:%d", self.prefix, self.settings.host, port)
-            if self.settings.reuse_port:
-                log.warning("%s: reuse_port ignored: libzmq has no SO_REUSEPORT", self.prefix)
-            fd = int(sock.getsockopt(zmq.FD))
-            loop.add_reader(fd, self._on_readable)
-            self._on_readable()  # messages that arrived before the reader was registered
+            port = int(server.sockets[0].getsockname()[1])
+            log.info(
+                "%s: listening on tcp://%s:%d%s",
+                self.prefix,
+                self.settings.host,
+                port,
+                ", SO_REUSEPORT" if self.settings.reuse_port else "",
+            )
             on_bound(port)
             await stop.wait()
         finally:
-            if fd is not None:
-                loop.remove_reader(fd)
-            self._read_scheduled = True  # a pending call_soon(_on_readable) must not read any more
+            server.close()
+            self.stopping = True
+            for peer in list(self.peers):
+                if peer.transport is not None:
+                    peer.transport.pause_reading()
             await self._drain()
             wait = self._replied_at + FAREWELL_S - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
-            self._sock = None
-            sock.close(linger=0)
-            # term() waits for ZMQ to free every message, so every tracked frame is done after it
-            ctx.term()
-            await self._releaser.close()
+            await self._close_peers()
             log.info("%s: stopped", self.prefix)
-
-    def _bind(self, sock: zmq.Socket[bytes]) -> int:
-        host = self.settings.host
-        if ":" in host:
-            sock.setsockopt(zmq.IPV6, 1)
-            host = f"[{host}]"
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)  # unreachable peers: drop the reply, never block
-        sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-        sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_message_bytes)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.bind(f"tcp://{host}:{self.settings.port or '*'}")
-        # "tcp://127.0.0.1:54321" or "tcp://[::1]:54321": the port follows the last colon
-        return int(sock.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
 
     async def _drain(self) -> None:
         if not self._tasks:
@@ -195,50 +360,30 @@ class ZmqFrontend:
             log.warning("%s: cancelled %d requests still running at stop", self.prefix, len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
 
-    def _on_readable(self) -> None:
-        """Take the messages waiting on the socket (at most `RECV_BATCH`, then yield the loop)."""
-        self._read_scheduled = False
-        sock = self._sock
-        if sock is None:
-            return
-        for _ in range(RECV_BATCH):
-            try:
-                frames = sock.recv_multipart(_NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            except zmq.ZMQError as exc:
-                log.warning("%s: receive failed: %s", self.prefix, exc)
-                return
-            try:
-                self._dispatch(frames)
-            except Exception:
-                # one bad message must never stop the loop
-                log.exception("%s: unexpected error handling a message", self.prefix)
-        self._schedule_read()
-
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled and self._loop is not None:
-            self._read_scheduled = True
-            self._loop.call_soon(self._on_readable)
-
-    def _rearm(self) -> None:
-        """After a send: ZMQ_FD is edge-triggered and a send can consume the edge of a message that
-        arrived meanwhile, so look at the pending events and read if something waits."""
-        sock = self._sock
-        if sock is not None and not self._read_scheduled and int(sock.getsockopt(zmq.EVENTS)) & _POLLIN:
-            self._schedule_read()
+    async def _close_peers(self) -> None:
+        for peer in list(self.peers):
+            peer.hang_up()  # writes what is queued first; close() sends the rest before closing
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self.peers and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        for peer in list(self.peers):
+            if peer.transport is not None:
+                peer.transport.abort()
+        await asyncio.sleep(0)  # let connection_lost run (it releases what they held)
 
     # -- per message ---------------------------------------------------------------------------
 
-    def _dispatch(self, frames: Sequence[zmq.Frame]) -> None:
-        """Handle one message: routing id, then the client's frames."""
+    def dispatch(self, peer: Peer, parts: list[memoryview], size: int) -> None:
+        """Handle one message from ``peer`` (its frames, and its size in bytes)."""
+        try:
+            self._dispatch(peer, parts, size)
+        except Exception:
+            # one bad message must never stop the connection
+            log.exception("%s: unexpected error handling a message", self.prefix)
+
+    def _dispatch(self, peer: Peer, parts: list[memoryview], size: int) -> None:
         received_ns = time.monotonic_ns()
-        if len(frames) < 2:
-            return  # a ROUTER always prepends the routing id; nothing to answer
-        peer = frames[0].bytes
-        parts = [f.buffer for f in frames[1:]]
         request_id = peek_request_id(parts[0])
-        size = sum(p.nbytes for p in parts)
         if size > self.settings.max_message_bytes:
             self._send_error(
                 peer,
@@ -255,7 +400,7 @@ class ZmqFrontend:
                 # only readiness
                 if not self.settings.auth_health_open:
                     self._authenticate(request)
-                ready = self.gateway.is_ready()
+                ready = self.gateway.is_ready() and not self.stopping
                 self._send(peer, [encode_pong(request_id, ready=ready, live=self.gateway.is_live())])
                 return
             self._authenticate(request)
@@ -264,6 +409,8 @@ class ZmqFrontend:
                 meta = model_metadata(spec, ready=self.gateway.model_ready(request.model))
                 self._send(peer, [encode_metadata_reply(request_id, meta)])
                 return
+            if self.stopping:
+                raise Unavailable("server is shutting down")
             if len(self._tasks) >= self.max_inflight:
                 busy = ResourceExhausted(
                     f"server busy: {len(self._tasks)} requests in flight (max_inflight {self.max_inflight})"
@@ -290,7 +437,7 @@ class ZmqFrontend:
         if not ok:
             raise Unauthenticated("missing or invalid auth token")
 
-    async def _infer(self, peer: bytes, request: Request, received_ns: int) -> None:
+    async def _infer(self, peer: Peer, request: Request, received_ns: int) -> None:
         deadline_ns = None
         if request.timeout_us:
             deadline_ns = received_ns + min(request.timeout_us, MAX_TIMEOUT_US) * 1000
@@ -321,7 +468,7 @@ class ZmqFrontend:
             self._observer.end(request.model, started)
             self._send_result(peer, request.request_id, result)
 
-    def _send_result(self, peer: bytes, request_id: int, result: InferResult) -> None:
+    def _send_result(self, peer: Peer, request_id: int, result: InferResult) -> None:
         try:
             frames = encode_reply(request_id, result.outputs)
             size = frames_nbytes(frames)
@@ -338,17 +485,11 @@ class ZmqFrontend:
             log.exception("%s: cannot encode the reply to request %d", self.prefix, request_id)
             self._send_error(peer, request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
             return
-        if size < ZERO_COPY_THRESHOLD:
-            try:
-                self._send(peer, frames)  # copies the frames into ZMQ before it returns
-            finally:
-                result.release()
-            return
-        tracked = [zmq.Frame(f, copy=False, track=True) for f in frames[1:]]
-        self._send(peer, [frames[0], *tracked])
-        self._releaser.add(zmq.MessageTracker(*tracked), result)
+        self._replied_at = time.monotonic()
+        if not peer.send(frames, result, large=size >= ZERO_COPY_THRESHOLD):
+            log.debug("%s: reply to request %d not sent: %s has gone", self.prefix, request_id, peer.name)
 
-    def _send_error(self, peer: bytes, request_id: int, error: EngineError, *, logged: bool = False) -> None:
+    def _send_error(self, peer: Peer, request_id: int, error: EngineError, *, logged: bool = False) -> None:
         """Reply ERROR. Internal errors go to the log (unless ``logged`` already), the client sees
         only their public message."""
         if isinstance(error, InternalError):
@@ -358,67 +499,7 @@ class ZmqFrontend:
             log.debug("%s: request %d: %s: %s", self.prefix, request_id, error.grpc_code, error.message)
         self._send(peer, [encode_error(request_id, error)])
 
-    def _send(self, peer: bytes, frames: Sequence[Buffer | zmq.Frame]) -> None:
-        sock = self._sock
-        if sock is None:
-            log.warning("%s: reply not sent: the socket is closed", self.prefix)
-            return
+    def _send(self, peer: Peer, frames: Sequence[Buffer]) -> None:
         self._replied_at = time.monotonic()
-        try:
-            # send_multipart, without its per-frame enum arithmetic (zmq.SNDMORE | flags builds a
-            # Flag each time: ~1 us a frame, 4-6 frames a reply)
-            send = sock.send
-            parts: tuple[Any, ...] = (peer, *frames)
-            for i in range(len(parts) - 1):
-                send(parts[i], _MORE_NOBLOCK, copy=True)
-            send(parts[-1], _NOBLOCK, copy=True)
-        except zmq.ZMQError as exc:
-            log.warning("%s: reply not sent: %s", self.prefix, exc)
-        self._rearm()
-
-
-class _Releaser:
-    """Releases results whose zero-copy frames ZMQ has finished with.
-
-    pyzmq's ``MessageTracker`` offers only a blocking wait or a ``done`` flag, so one task polls the
-    flags, backing off from 0.2 ms to 10 ms while nothing completes; it exits when nothing is pending.
-    """
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self._pending: deque[tuple[zmq.MessageTracker, InferResult]] = deque()
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, tracker: zmq.MessageTracker, result: InferResult) -> None:
-        self._pending.append((tracker, result))
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._poll())
-
-    async def _poll(self) -> None:
-        delay = 0.0002
-        while self._pending:
-            kept: deque[tuple[zmq.MessageTracker, InferResult]] = deque()
-            for tracker, result in self._pending:
-                if tracker.done:
-                    _release(result, self.prefix)
-                else:
-                    kept.append((tracker, result))
-            delay = 0.0002 if len(kept) < len(self._pending) else min(delay * 2, 0.01)
-            self._pending = kept
-            if kept:
-                await asyncio.sleep(delay)
-
-    async def close(self) -> None:
-        """At shutdown, after the ZMQ context is terminated: nothing references the memory any more."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        while self._pending:
-            _release(self._pending.popleft()[1], self.prefix)
-
-
-def _release(result: InferResult, prefix: str) -> None:
-    try:
-        result.release()
-    except Exception:
-        log.exception("%s: releasing a result failed", prefix)
+        if not peer.send(frames):
+            log.debug("%s: reply not sent: %s has gone", self.prefix, peer.name)

@@ -145,7 +145,7 @@ def test_deadline_exceeded(dealer: zmq.Socket[bytes], rng: np.random.Generator) 
 
 
 def test_message_over_the_size_limit_gets_resource_exhausted(dealer: zmq.Socket[bytes]) -> None:
-    # 9 MiB in two frames of 4.5 MiB (each under libzmq's per-frame limit): the server adds them up.
+    # 9 MiB in two frames of 4.5 MiB (each under the per-frame limit): the server adds them up.
     half = b"\0" * (9 * (1 << 20) // 2)
     frames = _request("identity", [("INPUT0", "FP32", [1, len(half) // 2])] * 2, [half, half], 31)
     assert error_code(exchange(dealer, frames), 31) == RESOURCE_EXHAUSTED
@@ -156,8 +156,9 @@ def test_message_over_the_size_limit_gets_resource_exhausted(dealer: zmq.Socket[
 
 
 def test_frame_over_the_size_limit_drops_the_connection(engine_server: ServerProcess) -> None:
-    # One 9 MiB frame: libzmq's MAXMSGSIZE (per frame) makes the server drop the peer unanswered
-    # (documented in servers/zmq_server.py). Seen here as a disconnect event; the server goes on.
+    # One 9 MiB frame: over the per-frame limit, the server drops the peer unanswered, from the
+    # frame's header alone, as libzmq's MAXMSGSIZE does (documented in servers/zmq_server.py).
+    # Seen here as a disconnect event; the server goes on.
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -7,7 +7,9 @@ clients and with a raw DEALER socket that sends whatever bytes a test wants.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -27,6 +29,7 @@ from engine.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from servers import zmq_server, zmtp
 from servers.client.zmq_client import AsyncZmqClient, ZmqClient
 from servers.gateway_api import FrontendSettings, InferInput
 from servers.zmq_protocol import (
@@ -351,8 +354,9 @@ def test_oversize_messages() -> None:
         reply = peer.ask([header[0], b"\0" * 3000, b"\0" * 3000])
         assert reply.request_id == 3 and isinstance(reply.error, ResourceExhausted)
         with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
-            # One frame over the limit: libzmq drops the connection without a reply. The client sees
-            # the drop and fails the request at once instead of waiting out its timeout.
+            # One frame over the limit: the server drops the connection without a reply (as libzmq
+            # does). The client sees the drop and fails the request at once instead of waiting out
+            # its timeout.
             start = time.monotonic()
             with pytest.raises(Unavailable, match="max_message_bytes"):
                 c.infer("identity", {"INPUT0": np.ones((1, 2000), np.float32)})
@@ -541,4 +545,178 @@ def test_a_request_sent_after_a_reconnection_is_not_failed_with_the_old_connecti
             finally:
                 second.close()
     finally:
+        first.close()
+
+
+# -- the ZMTP transport: peers libzmq's ROUTER would have taken care of ------------------------
+
+
+def wait_for(condition: Any, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+class RawZmtp:
+    """A DEALER spoken by hand over a plain TCP socket: it can stop reading, hold a small receive
+    buffer, or never finish its handshake."""
+
+    def __init__(self, port: int, *, rcvbuf: int = 0, handshake: bool = True) -> None:
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect
+        self.sock.settimeout(WAIT_S)
+        self.sock.connect(("127.0.0.1", port))
+        if handshake:
+            greeting = zmtp.SIGNATURE + b"\x03\x01" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+            self.sock.sendall(greeting + zmtp.ready([(b"Socket-Type", b"DEALER")]))
+
+    def send(self, frames: Sequence[Any]) -> None:
+        self.sock.sendall(wire(frames))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wire(frames: Sequence[Any]) -> bytes:
+    """A message's ZMTP frames."""
+    parts = [memoryview(f).cast("B") if not isinstance(f, bytes) else f for f in frames]
+    last = len(parts) - 1
+    return b"".join(zmtp.frame_head(len(p), i < last) + bytes(p) for i, p in enumerate(parts))
+
+
+def only_peer(srv: ServerThread) -> Any:
+    wait_for(lambda: len(srv.frontend.peers) == 1, "the connection")
+    (peer,) = srv.frontend.peers
+    return peer
+
+
+def test_a_peer_that_sends_without_reading_is_not_buffered_for_without_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # every PING is answered; a peer that floods PINGs and reads nothing would otherwise have the
+    # answers pile up in the server's write buffer for as long as it keeps sending
+    monkeypatch.setattr(zmq_server, "WRITE_BUFFER_HIGH", 64 << 10)
+    srv = ServerThread(RecordingGateway(), FrontendSettings(port=0))
+    raw = RawZmtp(srv.port, rcvbuf=4096)
+    try:
+        peer = only_peer(srv)
+        pings = b"".join(wire(encode_ping(i)) for i in range(2000))
+        raw.sock.settimeout(0.5)
+        sent = 0
+        with contextlib.suppress(TimeoutError):  # the server stopped reading us
+            while sent < 12 << 20:
+                raw.sock.sendall(pings)
+                sent += len(pings)
+        assert sent < 12 << 20
+        assert peer.transport.get_write_buffer_size() < 1 << 20
+        with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:  # others are served meanwhile
+            check_simple(c.infer("simple", simple_inputs()), simple_inputs())
+    finally:
+        raw.close()
+        srv.close()
+
+
+def test_a_connection_that_never_completes_its_handshake_is_dropped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(zmq_server, "HANDSHAKE_TIMEOUT_S", 0.2)
+    srv = ServerThread(RecordingGateway(), FrontendSettings(port=0))
+    raw = RawZmtp(srv.port, handshake=False)
+    try:
+        received = b""
+        while chunk := raw.sock.recv(65536):  # our greeting and READY, then the end
+            received += chunk
+        assert received.startswith(zmtp.GREETING)
+        wait_for(lambda: not srv.frontend.peers, "the connection to be forgotten")
+    finally:
+        raw.close()
+        srv.close()
+
+
+def test_a_protocol_error_drops_only_that_connection(client: ZmqClient, server: ServerThread) -> None:
+    check_simple(client.infer("simple", simple_inputs()), simple_inputs())
+    raw = RawZmtp(server.port)
+    try:
+        raw.sock.sendall(b"\x80\x01x")  # reserved flag bits
+        while raw.sock.recv(65536):
+            pass
+    finally:
+        raw.close()
+    check_simple(client.infer("simple", simple_inputs()), simple_inputs())
+
+
+def test_a_req_peer_is_answered(server: ServerThread) -> None:
+    # REQ puts an empty delimiter frame before its message and expects one before the reply
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(WAIT_S * 1000))
+    try:
+        sock.connect(server.endpoint)
+        for k in range(3):
+            sock.send_multipart(encode_request(k + 1, "identity", {"INPUT0": np.full((1, 3), k, np.float32)}))
+            reply = decode_reply(sock.recv_multipart())
+            assert reply.request_id == k + 1 and reply.outputs is not None
+            assert (reply.outputs["OUTPUT0"] == k).all()
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def test_a_large_reply_is_released_only_once_the_transport_has_sent_it(
+    server: ServerThread, gateway: RecordingGateway
+) -> None:
+    # a large reply is written without a copy: its result (shared memory in the engine) must stay
+    # held while the transport still has its bytes, here because the peer is not reading
+    raw = RawZmtp(server.port, rcvbuf=4096)
+    try:
+        x = np.arange(1 << 20, dtype=np.float32).reshape(1, -1)  # 4 MiB
+        raw.send(encode_request(5, "identity", {"INPUT0": x}))
+        wait_for(lambda: len(gateway.results) == 1, "the request")
+        peer = only_peer(server)
+        wait_for(lambda: peer.transport.get_write_buffer_size() > 0, "the reply to be written")
+        time.sleep(0.05)
+        assert not gateway.results[0].released
+        received = bytearray()
+        while not gateway.results[0].released:
+            received += raw.sock.recv(1 << 20)
+        expected = len(zmtp.GREETING) + len(zmtp.ready([(b"Socket-Type", b"ROUTER")]))
+        while len(received) < expected + x.nbytes:
+            received += raw.sock.recv(1 << 20)
+        assert bytes(received[-x.nbytes :]) == x.tobytes()
+    finally:
+        raw.close()
+
+
+def test_a_reply_to_a_peer_that_has_gone_is_dropped_and_released() -> None:
+    gw = RecordingGateway()
+    gw.gate = asyncio.Event()
+    srv = ServerThread(gw, FrontendSettings(port=0))
+    raw = RawZmtp(srv.port)
+    try:
+        raw.send(encode_request(9, "identity", {"INPUT0": np.ones((1, 2), np.float32)}))
+        wait_for(lambda: len(srv.frontend._tasks) == 1, "the request")
+        raw.close()
+        wait_for(lambda: not srv.frontend.peers, "the connection to be forgotten")
+        assert srv.loop is not None
+        srv.call_soon(gw.gate.set)
+        wait_for(lambda: len(gw.results) == 1 and gw.results[0].released, "the release")
+        with ZmqClient(srv.endpoint, timeout_s=WAIT_S) as c:
+            assert (c.infer("identity", {"INPUT0": np.full((1, 2), 4, np.float32)})["OUTPUT0"] == 4).all()
+    finally:
+        raw.close()
+        srv.close()
+
+
+def test_front_ends_share_a_port_with_reuse_port() -> None:
+    first = ServerThread(RecordingGateway(), FrontendSettings(port=0, reuse_port=True))
+    second = ServerThread(RecordingGateway(), FrontendSettings(port=first.port, reuse_port=True))
+    try:
+        assert second.port == first.port
+        for _ in range(8):  # the kernel spreads new connections over both
+            with ZmqClient(first.endpoint, timeout_s=WAIT_S) as c:
+                check_simple(c.infer("simple", simple_inputs()), simple_inputs())
+        assert first.gateway.calls["simple"] + second.gateway.calls["simple"] == 8
+    finally:
+        second.close()
         first.close()
