@@ -338,6 +338,53 @@ def decode_request(frames: Sequence[Buffer]) -> Request:
     """
     if not frames:
         raise InvalidArgument("empty message")
+    head = _bytes_view(frames[0])
+    if head.nbytes > PREFIX_SIZE:
+        magic, version, msg_type, _, request_id, timeout_us, json_len = PREFIX.unpack_from(head)
+        if msg_type == _REQUEST and head.nbytes == PREFIX_SIZE + json_len and magic == MAGIC:
+            # a client sends the same JSON for every request of a shape: parsed and checked once
+            key = bytes(head[PREFIX_SIZE:])
+            known = _KNOWN_REQUESTS.get(key)
+            if known is not None and version == VERSION:
+                model, specs, outputs, token = known
+                return Request(
+                    MsgType.REQUEST,
+                    request_id,
+                    timeout_us,
+                    model,
+                    _inputs(specs, frames[1:]),
+                    outputs,
+                    token,
+                )
+            request = _decode_request(frames)
+            if len(key) <= _KNOWN_KEY_BYTES:
+                if len(_KNOWN_REQUESTS) >= _KNOWN_MAX:
+                    _KNOWN_REQUESTS.clear()
+                specs = tuple(
+                    (i.name, i.datatype, i.shape, _bytes_view(i.data).nbytes) for i in request.inputs
+                )
+                _KNOWN_REQUESTS[key] = (request.model, specs, request.outputs, request.token)
+            return request
+    return _decode_request(frames)
+
+
+_REQUEST = int(MsgType.REQUEST)
+_Spec = tuple[str, str, tuple[int, ...], int]
+#: REQUEST JSON bodies already checked -> (model, input specs, outputs, token); emptied when full
+_KNOWN_REQUESTS: dict[bytes, tuple[str, tuple[_Spec, ...], tuple[str, ...] | None, str | None]] = {}
+_KNOWN_MAX = 512
+_KNOWN_KEY_BYTES = 2048
+
+
+def _inputs(specs: Sequence[_Spec], frames: Sequence[Buffer]) -> tuple[InferInput, ...]:
+    views = _frames_match(specs, frames, "input")
+    return tuple(
+        InferInput(name, datatype, shape, view)
+        for (name, datatype, shape, _), view in zip(specs, views, strict=True)
+    )
+
+
+def _decode_request(frames: Sequence[Buffer]) -> Request:
     header = decode_header(frames[0])
     body, kind = header.body, header.msg_type
     token = _str(body, "token", "", optional=True)
@@ -351,11 +398,7 @@ def decode_request(frames: Sequence[Buffer]) -> Request:
         raise InvalidArgument(f"message type {kind.name} is not a request")
     model = _name(body, "model")
     specs = _tensor_specs(_list(body, "inputs"), "input")
-    views = _frames_match(specs, frames[1:], "input")
-    inputs = tuple(
-        InferInput(name, datatype, shape, view)
-        for (name, datatype, shape, _), view in zip(specs, views, strict=True)
-    )
+    inputs = _inputs(specs, frames[1:])
     outputs: tuple[str, ...] | None = None
     if body.get("outputs") is not None:
         names = _list(body, "outputs")
@@ -376,14 +419,32 @@ def _no_tensors(frames: Sequence[Buffer], kind: MsgType) -> None:
 def encode_reply(request_id: int, outputs: Mapping[str, np.ndarray]) -> Frames:
     """Frames of a REPLY: header, then each output's raw bytes (views on the arrays when they are
     already C-contiguous little-endian, so the arrays must stay valid until the frames are sent)."""
-    entries: list[dict[str, Any]] = []
     frames: Frames = [b""]
+    key: list[Any] = []
     for name, value in outputs.items():
         array = _wire_array(np.asarray(value))
-        entries.append({"name": name, "datatype": kserve_name(array.dtype), "shape": list(array.shape)})
+        key.append((name, array.dtype.str, array.shape))
         frames.append(_raw(array))
-    frames[0] = encode_header(MsgType.REPLY, request_id, {"outputs": entries})
+    # replies of a model have the same few output shapes: their JSON is made once per shape
+    payload = _KNOWN_REPLIES.get(tuple(key))
+    if payload is None:
+        entries = [
+            {"name": name, "datatype": kserve_name(np.dtype(dtype)), "shape": list(shape)}
+            for name, dtype, shape in key
+        ]
+        payload = orjson.dumps({"outputs": entries})
+        if len(_KNOWN_REPLIES) >= _KNOWN_MAX:
+            _KNOWN_REPLIES.clear()
+        _KNOWN_REPLIES[tuple(key)] = payload
+    if not 0 <= request_id <= MAX_REQUEST_ID:
+        raise InvalidArgument(f"request id {request_id} does not fit in u64")
+    frames[0] = PREFIX.pack(MAGIC, VERSION, _REPLY, 0, request_id, 0, len(payload)) + payload
     return frames
+
+
+_REPLY = int(MsgType.REPLY)
+#: REPLY JSON bodies by their outputs' (name, dtype, shape); emptied when full
+_KNOWN_REPLIES: dict[tuple[Any, ...], bytes] = {}
 
 
 def encode_error(request_id: int, error: EngineError) -> bytes:

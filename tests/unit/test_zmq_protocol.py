@@ -19,6 +19,7 @@ from engine.errors import (
     ResourceExhausted,
     WorkerDied,
 )
+from servers import zmq_protocol
 from servers.zmq_protocol import (
     MAGIC,
     MAX_TENSORS,
@@ -288,3 +289,65 @@ def test_encoder_refuses_out_of_range_ids() -> None:
         encode_header(MsgType.PING, -1, {})
     with pytest.raises(InvalidArgument):
         encode_header(MsgType.PING, 1 << 64, {})
+
+
+# -- the decoders' memory of bodies seen before ------------------------------------------------
+
+
+def test_a_known_request_body_decodes_as_it_did_the_first_time() -> None:
+    # the JSON of a request is parsed and checked once; later requests with the same body take
+    # their own id, deadline and tensor frames
+    a = np.arange(4, dtype=np.float32).reshape(1, 4)
+    first = decode_request(encode_request(1, "m", {"x": a}, outputs=["y"], token="t", timeout_us=5))
+    b = a + 10
+    again = decode_request(encode_request(2, "m", {"x": b}, outputs=["y"], token="t", timeout_us=9))
+    assert (again.request_id, again.timeout_us) == (2, 9)
+    assert (again.model, again.outputs, again.token) == (first.model, first.outputs, first.token)
+    assert [(i.name, i.datatype, i.shape) for i in again.inputs] == [("x", "FP32", (1, 4))]
+    np.testing.assert_array_equal(np.frombuffer(again.inputs[0].data, np.float32), b.ravel())
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [([bytes(15)], "needs 16"), ([], "carries 0"), ([bytes(16), bytes(16)], "carries 2")],
+)
+def test_a_known_request_body_with_the_wrong_frames_is_refused(tensors: list[bytes], match: str) -> None:
+    good = request([FP32_4], [bytes(16)])
+    decode_request(good)
+    with pytest.raises(InvalidArgument, match=match):
+        decode_request([good[0], *tensors])
+
+
+def test_a_known_request_body_under_another_version_is_refused() -> None:
+    body = {"model": "m", "inputs": [FP32_4]}
+    decode_request([header(body), bytes(16)])
+    with pytest.raises(InvalidArgument, match="version"):
+        decode_request([header(body, version=VERSION + 1), bytes(16)])
+
+
+def test_the_memory_of_known_bodies_is_bounded() -> None:
+    for n in range(2 * zmq_protocol._KNOWN_MAX + 3):
+        decode_request(encode_request(n, f"m{n}", {"x": np.zeros((1, 2), np.float32)}))
+        encode_reply(n, {f"y{n}": np.zeros((1, 2), np.float32)})
+    assert 0 < len(zmq_protocol._KNOWN_REQUESTS) <= zmq_protocol._KNOWN_MAX
+    assert 0 < len(zmq_protocol._KNOWN_REPLIES) <= zmq_protocol._KNOWN_MAX
+
+
+@pytest.mark.parametrize("round_", [1, 2])  # the second round takes the remembered JSON
+def test_reply_headers_match_the_generic_encoder(round_: int) -> None:
+    outputs = {
+        "a": np.zeros((2, 3), np.float32),
+        "b": np.array(7, dtype=">i8"),  # big-endian: sent as little-endian INT64
+        "c": np.zeros((0,), np.bool_),
+    }
+    frames = encode_reply(1 << 63, outputs)
+    entries = [
+        {"name": "a", "datatype": "FP32", "shape": [2, 3]},
+        {"name": "b", "datatype": "INT64", "shape": []},
+        {"name": "c", "datatype": "BOOL", "shape": [0]},
+    ]
+    assert frames[0] == encode_header(MsgType.REPLY, 1 << 63, {"outputs": entries})
+    reply = decode_reply(frames)
+    assert reply.outputs is not None and int(reply.outputs["b"]) == 7
+    with pytest.raises(InvalidArgument):
+        encode_reply(1 << 64, outputs)
