@@ -118,6 +118,7 @@ class ServerConnection:
         self._buf: bytearray | bytes = b""
         self._frames: list[memoryview] = []
         self._msg_bytes = 0
+        self._msg_frames = 0
         self._out: list[Buffer] = [GREETING + _OUR_READY]
 
     # -- events (override) ------------------------------------------------------------------------
@@ -259,13 +260,23 @@ class ServerConnection:
             pos = end
             nbytes = self._msg_bytes + size
             self._msg_bytes = nbytes
-            if nbytes <= self.max_message_bytes or not frames:
+            self._msg_frames += 1
+            if self._msg_frames > self.max_frames:
+                raise ZmtpError(f"message of more than {self.max_frames} frames")
+            if nbytes <= self.max_message_bytes:
                 frames.append(view[start:end])
-                if len(frames) > self.max_frames:
-                    raise ZmtpError(f"message of more than {self.max_frames} frames")
+            else:
+                # over the limit: only the first frame (after a REQ peer's delimiter) is kept, so
+                # that the caller can answer it
+                keep = 2 if self.envelope else 1
+                if len(frames) < keep:
+                    frames.append(view[start:end])
+                else:
+                    del frames[keep:]
             if not flags & MORE:
                 self._frames = []
                 self._msg_bytes = 0
+                self._msg_frames = 0
                 if self.envelope:
                     if frames[0].nbytes:
                         raise ZmtpError("REQ message without its empty delimiter frame")
@@ -295,12 +306,14 @@ class ServerConnection:
 
     def send_message(self, frames: Sequence[Buffer]) -> None:
         """Queue one message (its frames are referenced, not copied, until `data_to_send`)."""
+        if not frames:
+            raise ValueError("a message has at least one frame")
         out = self._out
         if self.envelope:
             out.append(_SHORT_MORE[0])
         last = len(frames) - 1
         for i, frame in enumerate(frames):
-            size = frame.nbytes if isinstance(frame, memoryview) else len(frame)
+            size = len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes  # type: ignore[arg-type]
             if size < 256:
                 out.append((_SHORT_MORE if i < last else _SHORT_LAST)[size])
             else:
