@@ -44,8 +44,8 @@ class EngineConfig:
         grpc_transport: ``h2`` (default: HTTP/2 parsed on the front-end's event loop by
             `servers.grpc_h2` with the server's own HTTP/2 layer, no grpc core threads) or
             ``grpcio`` (grpc.aio, grpc core's HTTP/2).
-        rest_frontends: REST front-end processes.
-        zmq_frontends: ZMQ front-end processes.
+        rest_frontends: REST front-end processes (more than one share the port, SO_REUSEPORT).
+        zmq_frontends: ZMQ front-end processes (more than one share the port, SO_REUSEPORT).
         devices: ``"auto"`` (every CUDA device, else the CPU; see `resolve_devices`) or a tuple of
             device names (``cpu``, ``cuda:0``...); one worker process per device.
         model_repository: folder with one subfolder per model; default the built-in demo models.

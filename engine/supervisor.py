@@ -130,8 +130,7 @@ class Supervisor:
         workers = [Child("worker", w, f"worker {d}", device=d) for w, d in enumerate(self.devices)]
         frontends: list[Child] = []
         for proto in cfg.protocols:
-            count = {"grpc": cfg.grpc_frontends, "rest": cfg.rest_frontends, "zmq": cfg.zmq_frontends}[proto]
-            for i in range(count):
+            for i in range(self.frontend_count(proto)):
                 frontends.append(Child("frontend", 0, f"frontend {proto}#{i}", protocol=proto, instance=i))
         for i in range(self.embedded_frontends):
             frontends.append(
@@ -165,11 +164,12 @@ class Supervisor:
             if child.embedded:
                 self._new_generation(child)
                 continue
-            if child.protocol == "grpc" and child.instance > 0:
+            shared = self.frontend_count(child.protocol) > 1
+            if shared and child.instance > 0:
                 # the instances share the port the first one bound (SO_REUSEPORT)
-                child.port = frontends[[c.name for c in frontends].index("frontend grpc#0")].port
+                child.port = frontends[[c.name for c in frontends].index(f"frontend {child.protocol}#0")].port
             self._spawn(child)
-            if child.protocol == "grpc" and child.instance == 0:
+            if shared and child.instance == 0:
                 self._wait_up([child], ready_timeout_s)
         self._wait_up([c for c in frontends if not c.embedded], ready_timeout_s)
         self._set_server_state(SERVER_READY)
@@ -257,6 +257,11 @@ class Supervisor:
                 child.port = self.control.load_u64(self.slot(child) + F_PORT)
 
     # ---- watch ----------------------------------------------------------------------------------
+
+    def frontend_count(self, protocol: str) -> int:
+        """Front-end processes configured for ``protocol``; more than one share its port."""
+        cfg = self.config
+        return {"grpc": cfg.grpc_frontends, "rest": cfg.rest_frontends, "zmq": cfg.zmq_frontends}[protocol]
 
     def endpoints(self) -> dict[str, int]:
         """Bound port per protocol."""

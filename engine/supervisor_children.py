@@ -81,7 +81,7 @@ def process_entry(supervisor: Supervisor, child: Child) -> tuple[Callable[[Any],
             host=cfg.host,
             port=child.port or configured_port(cfg, child.protocol),
             max_message_bytes=cfg.max_message_mb << 20,
-            reuse_port=child.protocol == "grpc" and cfg.grpc_frontends > 1,
+            reuse_port=supervisor.frontend_count(child.protocol) > 1,
             auth_tokens=cfg.auth_tokens,
             instance=child.instance,
             # what the gateway admits, plus room for the requests it refuses itself
