@@ -223,6 +223,33 @@ class ShmGateway:
         deadline_ns: int | None = None,
         request_id: str = "",
     ) -> ShmResult:
+        req_id, future = self._submit(model, inputs, outputs, deadline_ns)
+        try:
+            result = await future
+        except asyncio.CancelledError:
+            # the client went away: let the worker drop the request instead of computing it
+            self._cancel_at_worker(req_id)
+            raise
+        result.request_id = request_id
+        return result
+
+    def submit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> asyncio.Future[ShmResult]:
+        return self._submit(model, inputs, outputs, deadline_ns)[1]
+
+    def _submit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        outputs: Sequence[str] | None,
+        deadline_ns: int | None,
+    ) -> tuple[int, asyncio.Future[ShmResult]]:
         spec = self.model_spec(model)
         m = self.index[model]
         ordered = validate_inputs(spec, inputs)
@@ -278,14 +305,7 @@ class ShmGateway:
             # A hung worker must not hold the answer past the deadline: answer here, a little after
             # the worker itself would have, and free the region when the worker finally reports back.
             self._watch_deadline(deadline_ns + _DEADLINE_SLACK_NS, req_id)
-        try:
-            result = await future
-        except asyncio.CancelledError:
-            # the client went away: let the worker drop the request instead of computing it
-            self._cancel_at_worker(req_id)
-            raise
-        result.request_id = request_id
-        return result
+        return req_id, future
 
     # One heap and one timer for every deadline, not a loop timer per request (created and
     # cancelled per request, that cost more than the rest of the admission). Answered requests

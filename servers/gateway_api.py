@@ -7,6 +7,7 @@ that follows the protocol.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -84,6 +85,20 @@ class Gateway(Protocol):
     ) -> InferResult:
         """Run one request. ``deadline_ns`` is absolute, in ``time.monotonic_ns()``. Raises an
         `engine.errors.EngineError` subclass on failure (InvalidArgument, NotFound, ...)."""
+        ...
+
+    def submit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> asyncio.Future[Any]:
+        """`infer` without a task: admits the request (raising at once what admission refuses) and
+        returns the future of its `InferResult`. For callers that answer from a done callback
+        instead of awaiting (the ZMQ front-end). Cancelling the future abandons the request: its
+        result, if one comes, is released by the gateway."""
         ...
 
     def statistics(self, model: str | None = None) -> list[dict[str, Any]]:

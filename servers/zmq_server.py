@@ -5,9 +5,10 @@ loop itself, one `asyncio.Protocol` per connection, with no libzmq: a message is
 arrive and every reply finished in one loop iteration goes out in one ``write`` (libzmq's I/O thread,
 pyzmq's per-frame sends and the edge-triggered ``ZMQ_FD`` cost ~70 of the ~190 µs of CPU this process
 spent per request). Tensor frames reach the gateway as views of the received bytes, never copied
-here. PING and METADATA are answered inline; each inference runs in its own task, so any number of
-requests from any number of peers are in flight at once, bounded by ``max_inflight`` (beyond it: an
-immediate RESOURCE_EXHAUSTED reply). Replies go back on the connection their request came in on.
+here. PING and METADATA are answered inline; an inference is admitted at once (`Gateway.submit`) and
+answered from its future's done callback, no task per request, so any number of requests from any
+number of peers are in flight at once, bounded by ``max_inflight`` (beyond it: an immediate
+RESOURCE_EXHAUSTED reply). Replies go back on the connection their request came in on.
 
 Limits and their failure modes:
 
@@ -42,7 +43,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import cast
+from typing import Any, cast
 
 from engine.errors import EngineError, InternalError, ResourceExhausted, Unavailable
 from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
@@ -305,7 +306,8 @@ class ZmqFrontend:
         self.peers: set[Peer] = set()
         self.stopping = False
         self._tokens = tuple(t.encode() for t in settings.auth_tokens)
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: the gateway's futures of the requests in flight
+        self._pending: set[asyncio.Future[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replied_at = 0.0  # time.monotonic() of the last reply sent
         self._observer = current_observer("zmq", gateway.model_names())
@@ -350,15 +352,16 @@ class ZmqFrontend:
             log.info("%s: stopped", self.prefix)
 
     async def _drain(self) -> None:
-        if not self._tasks:
+        if not self._pending:
             return
-        log.info("%s: waiting for %d in-flight requests", self.prefix, len(self._tasks))
-        _, pending = await asyncio.wait(set(self._tasks), timeout=DRAIN_TIMEOUT_S)
-        for task in pending:
-            task.cancel()
+        log.info("%s: waiting for %d in-flight requests", self.prefix, len(self._pending))
+        _, pending = await asyncio.wait(set(self._pending), timeout=DRAIN_TIMEOUT_S)
+        for future in pending:
+            future.cancel()  # the gateway releases a result that comes after
         if pending:
             log.warning("%s: cancelled %d requests still running at stop", self.prefix, len(pending))
             await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.sleep(0)  # the done callbacks (the answers) run
 
     async def _close_peers(self) -> None:
         for peer in list(self.peers):
@@ -411,15 +414,13 @@ class ZmqFrontend:
                 return
             if self.stopping:
                 raise Unavailable("server is shutting down")
-            if len(self._tasks) >= self.max_inflight:
+            if len(self._pending) >= self.max_inflight:
                 busy = ResourceExhausted(
-                    f"server busy: {len(self._tasks)} requests in flight (max_inflight {self.max_inflight})"
+                    f"server busy: {len(self._pending)} requests in flight (max_inflight {self.max_inflight})"
                 )
                 self._observer.record(request.model, busy, str(request_id))
                 raise busy
-            task = asyncio.create_task(self._infer(peer, request, received_ns))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._submit(peer, request, received_ns)
         except EngineError as exc:
             self._send_error(peer, request_id, exc)
         except Exception as exc:
@@ -437,36 +438,44 @@ class ZmqFrontend:
         if not ok:
             raise Unauthenticated("missing or invalid auth token")
 
-    async def _infer(self, peer: Peer, request: Request, received_ns: int) -> None:
+    def _submit(self, peer: Peer, request: Request, received_ns: int) -> None:
+        # no task per request: the gateway's future answers through a done callback
         deadline_ns = None
         if request.timeout_us:
             deadline_ns = received_ns + min(request.timeout_us, MAX_TIMEOUT_US) * 1000
         started = self._observer.begin(request.model, str(request.request_id))
         try:
-            result = await self.gateway.infer(
-                request.model,
-                request.inputs,
-                outputs=request.outputs,
-                deadline_ns=deadline_ns,
-                request_id=str(request.request_id),
+            future = self.gateway.submit(
+                request.model, request.inputs, outputs=request.outputs, deadline_ns=deadline_ns
             )
-        except asyncio.CancelledError as exc:
+        except BaseException as exc:
             self._observer.end(request.model, started, exc)
             raise
-        except EngineError as exc:
-            self._observer.end(request.model, started, exc)
-            self._send_error(peer, request.request_id, exc)
-        except Exception as exc:
-            self._observer.end(request.model, started, exc)
-            log.exception(
-                "%s: request %d for model %r failed", self.prefix, request.request_id, request.model
-            )
-            self._send_error(
-                peer, request.request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True
-            )
-        else:
+        self._pending.add(future)
+        future.add_done_callback(lambda f: self._answer(peer, request, started, f))
+
+    def _answer(self, peer: Peer, request: Request, started: Any, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        if future.cancelled():
+            self._observer.end(request.model, started, asyncio.CancelledError())
+            return
+        exc = future.exception()
+        if exc is None:
             self._observer.end(request.model, started)
-            self._send_result(peer, request.request_id, result)
+            self._send_result(peer, request.request_id, future.result())
+            return
+        self._observer.end(request.model, started, exc)
+        if isinstance(exc, EngineError):
+            self._send_error(peer, request.request_id, exc)
+            return
+        log.error(
+            "%s: request %d for model %r failed",
+            self.prefix,
+            request.request_id,
+            request.model,
+            exc_info=exc,
+        )
+        self._send_error(peer, request.request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
 
     def _send_result(self, peer: Peer, request_id: int, result: InferResult) -> None:
         try:

@@ -123,6 +123,17 @@ class FakeGateway:
     def model_load_errors(self) -> dict[str, str]:
         return {}
 
+    def submit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> asyncio.Future[FakeResult]:
+        # through infer, so that subclasses overriding it (gates, failures) shape both paths
+        return asyncio.ensure_future(self.infer(model, inputs, outputs=outputs, deadline_ns=deadline_ns))
+
     async def infer(
         self,
         model: str,

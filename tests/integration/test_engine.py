@@ -329,3 +329,56 @@ def test_deadline_too_short_behind_a_slow_batch(shared_engine: Any) -> None:
     assert 1.0 in computed and 2.0 not in computed
     d = delta(shared_engine.stats("slow"), before)
     assert d["success"] == 1 and d["batches"] == 1, d
+
+
+# ---- submit: the future without a task ---------------------------------------------------------
+
+
+def test_submit_answers_through_its_future(shared_engine: Any, rng: np.random.Generator) -> None:
+    arrays = simple_inputs(rng, 3)
+
+    async def scenario() -> dict[str, np.ndarray]:
+        future = shared_engine.gateway.submit("simple", inputs_of(arrays))
+        with await future as result:
+            return {name: np.array(out) for name, out in result.outputs.items()}
+
+    out = shared_engine.run(scenario())
+    np.testing.assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
+    np.testing.assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
+
+
+def test_submit_refuses_at_once_what_admission_refuses(shared_engine: Any) -> None:
+    async def scenario() -> None:
+        with pytest.raises(NotFound):
+            shared_engine.gateway.submit("nope", [])
+
+    shared_engine.run(scenario())
+
+
+def test_a_cancelled_submit_has_its_result_given_back_when_it_comes(shared_engine: Any) -> None:
+    # the ZMQ front-end cancels what is still in flight at the end of its drain: the gateway must
+    # hand the output region back to the worker when the answer arrives: nobody else will
+    gw = shared_engine.gateway
+    released: list[int] = []
+    real_release = gw._release
+
+    def spy(link: Any, offset: int, gen: int) -> None:
+        released.append(offset)
+        real_release(link, offset, gen)
+
+    async def scenario() -> None:
+        gw._release = spy
+        try:
+            future = gw.submit("slow", inputs_of({"INPUT0": np.full((4,), 3.0, np.float32)}))
+            await asyncio.sleep(0.05)
+            future.cancel()
+            deadline = time.monotonic() + 30
+            while gw._pending and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+        finally:
+            del gw._release
+        assert not gw._pending
+
+    shared_engine.run(scenario())
+    assert len(released) == 1
+    assert 3.0 in shared_engine.repo.computed("slow")

@@ -695,7 +695,7 @@ def test_a_reply_to_a_peer_that_has_gone_is_dropped_and_released() -> None:
     raw = RawZmtp(srv.port)
     try:
         raw.send(encode_request(9, "identity", {"INPUT0": np.ones((1, 2), np.float32)}))
-        wait_for(lambda: len(srv.frontend._tasks) == 1, "the request")
+        wait_for(lambda: len(srv.frontend._pending) == 1, "the request")
         raw.close()
         wait_for(lambda: not srv.frontend.peers, "the connection to be forgotten")
         assert srv.loop is not None
