@@ -179,6 +179,10 @@ class ZmqTarget(Target):
         self._reply_type = int(MsgType.REPLY)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[list[bytes]]] = {}
+        #: send time (loop clock) of every request not yet answered, in send order
+        self._sent_at: dict[int, float] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_s = max(0.01, self.timeout_s / 8)
         self._loop = asyncio.get_running_loop()
         self._fd = int(self._sock.getsockopt(zmq.FD))
         self._read_scheduled = False
@@ -199,6 +203,7 @@ class ZmqTarget(Target):
             if not frames or len(frames[0]) < 16:
                 continue
             (request_id,) = struct.unpack_from("<Q", frames[0], 8)
+            self._sent_at.pop(request_id, None)
             future = pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_result(frames)
@@ -212,13 +217,13 @@ class ZmqTarget(Target):
     def slot(self) -> Call:
         loop = asyncio.get_running_loop()
         header, tensors, sock, pending = self._header, self._tensors, self._sock, self._pending
-        ids, timeout, payload, reply_type = self._ids, self.timeout_s, self.payload, self._reply_type
-        noblock, events, pollin = self._zmq.NOBLOCK, self._zmq.EVENTS, int(self._zmq.POLLIN)
-
-        def expire(request_id: int) -> None:
-            future = pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_exception(TimeoutError())
+        ids, payload, reply_type = self._ids, self.payload, self._reply_type
+        events, pollin = self._zmq.EVENTS, int(self._zmq.POLLIN)
+        # plain int flags and one send per frame: send_multipart builds Flag enums per frame
+        more, last = int(self._zmq.SNDMORE) | int(self._zmq.NOBLOCK), int(self._zmq.NOBLOCK)
+        send, sent_at = sock.send, self._sent_at
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self._sweep_s, self._sweep)
 
         async def call(check: bool) -> str | None:
             request_id = next(ids)
@@ -226,24 +231,46 @@ class ZmqTarget(Target):
             struct.pack_into("<Q", head, 8, request_id)
             future: asyncio.Future[list[bytes]] = loop.create_future()
             pending[request_id] = future
-            timer = loop.call_later(timeout, expire, request_id)
+            sent_at[request_id] = loop.time()
             try:
-                sock.send_multipart([head, *tensors], noblock)
+                if tensors:
+                    send(head, more)
+                    for tensor in tensors[:-1]:
+                        send(tensor, more)
+                    send(tensors[-1], last)
+                else:
+                    send(head, last)
                 # a send can consume the edge of a reply that arrived meanwhile
                 if int(sock.getsockopt(events)) & pollin:
                     self._schedule_read()
                 frames = await future
             except TimeoutError:
                 return "TIMEOUT"
-            finally:
-                timer.cancel()
             if frames[0][5] != reply_type or check:
                 return _zmq_outcome(frames, payload)
             return None
 
         return call
 
+    def _sweep(self) -> None:
+        # one timer for every request's timeout, not one per request: requests are sent in id
+        # order, so the overdue ones are at the front of `_sent_at`
+        self._sweeper = None
+        sent_at, pending = self._sent_at, self._pending
+        overdue = self._loop.time() - self.timeout_s
+        for request_id, at in list(sent_at.items()):
+            if at > overdue:
+                break
+            del sent_at[request_id]
+            future = pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(TimeoutError())
+        if not self._sock.closed:
+            self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self._loop.remove_reader(self._fd)
         self._sock.close(linger=0)  # a pending call_soon(_read) then returns at once
         self._ctx.term()

@@ -569,3 +569,33 @@ def test_zmq_target_matches_replies_to_requests_and_checks_them() -> None:
         router.close(linger=0)
         ctx.term()
     assert outcomes == [None] * 8
+
+
+def test_zmq_target_counts_unanswered_requests_as_timeouts() -> None:
+    # one sweep timer expires every request past its timeout (there is no timer per request)
+    import zmq
+
+    from bench.load_targets import make_target
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)  # takes the requests and never answers
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    async def scenario() -> tuple[list[str | None], float]:
+        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=0.3)
+        await target.open()
+        try:
+            start = asyncio.get_running_loop().time()
+            calls = [target.slot() for _ in range(3)]
+            outcomes = list(await asyncio.gather(*(call(False) for call in calls)))
+            return outcomes, asyncio.get_running_loop().time() - start
+        finally:
+            await target.close()
+
+    try:
+        outcomes, took = asyncio.run(scenario())
+    finally:
+        router.close(linger=0)
+        ctx.term()
+    assert outcomes == ["TIMEOUT"] * 3
+    assert took < 5.0  # expired by the sweep soon after 0.3 s, not left hanging
