@@ -30,10 +30,12 @@ Limits and their failure modes:
 - ``settings.reuse_port`` binds with SO_REUSEPORT, so several front-end processes can share the port.
 
 Replies: output arrays may be views into shared memory that stay valid only until
-``result.release()``. They are written without a copy of their own; a result is released once the
-transport holds none of its bytes: right after the write for the usual reply that the kernel takes at
-once, else when the connection's write buffer has drained (checked after later writes and by a
-backing-off timer), or when the connection is lost.
+``result.release()``. Replies under `ZERO_COPY_THRESHOLD` bytes are copied into the loop iteration's
+one write and released right after it. Larger ones go out in a vectored write without a copy, and
+their result is released once the transport holds none of its bytes: right after the write when the
+kernel took it all, else when the connection's write buffer has drained (a backing-off timer looks),
+or when the connection is lost. A peer that never reads holds the results of the requests it had in
+flight until it disconnects (reading it is paused, so it cannot add more).
 """
 
 from __future__ import annotations
@@ -285,7 +287,7 @@ class Peer(ServerConnection, asyncio.Protocol):
 
 
 class ZmqFrontend:
-    """The listening socket, its connections (`Peer`) and the per-request tasks (see the module
+    """The listening socket, its connections (`Peer`) and the requests in flight (see the module
     docstring).
 
     Args:
