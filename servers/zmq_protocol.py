@@ -109,9 +109,10 @@ class Header:
     body: dict[str, Any]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Request:
-    """A decoded client message (REQUEST, PING or METADATA).
+    """A decoded client message (REQUEST, PING or METADATA). Treated as immutable; not frozen,
+    which would cost ~0.9 µs more to build per request.
 
     Attributes:
         msg_type: which of the three.
@@ -573,16 +574,19 @@ def _wire_array(array: np.ndarray) -> np.ndarray:
 
 def _raw(array: np.ndarray) -> memoryview:
     """A flat byte view of a C-contiguous array (empty arrays included)."""
-    return _bytes_view(array.reshape(-1)) if array.size else memoryview(b"")
+    # cast works on any C-contiguous view, so no reshape first
+    return memoryview(array).cast("B") if array.size else memoryview(b"")  # type: ignore[arg-type]
 
 
 def frames_nbytes(frames: Iterable[Buffer]) -> int:
     """Total bytes of a message's frames."""
-    return sum(_bytes_view(f).nbytes for f in frames)
+    return sum(len(f) if type(f) is bytes else _bytes_view(f).nbytes for f in frames)
 
 
 def _bytes_view(data: Buffer) -> memoryview:
     """A flat unsigned-byte view of any buffer (numpy's stubs do not declare the buffer protocol)."""
+    if type(data) is memoryview and data.format == "B" and data.ndim == 1:
+        return data  # what the ZMTP layer hands over: already flat bytes
     return memoryview(cast(Any, data)).cast("B")
 
 

@@ -388,18 +388,19 @@ class ZmqFrontend:
 
     def _dispatch(self, peer: Peer, parts: list[memoryview], size: int) -> None:
         received_ns = time.monotonic_ns()
-        request_id = peek_request_id(parts[0])
         if size > self.settings.max_message_bytes:
             self._send_error(
                 peer,
-                request_id,
+                peek_request_id(parts[0]),
                 ResourceExhausted(
                     f"message of {size} bytes exceeds max_message_bytes ({self.settings.max_message_bytes})"
                 ),
             )
             return
+        request_id = -1  # known once the message decodes; read from the header for the error
         try:
             request = decode_request(parts)
+            request_id = request.request_id
             if request.msg_type is MsgType.PING:
                 # health probes need no token (unless auth_health_open is off): the answer reveals
                 # only readiness
@@ -424,8 +425,12 @@ class ZmqFrontend:
                 raise busy
             self._submit(peer, request, received_ns)
         except EngineError as exc:
+            if request_id < 0:
+                request_id = peek_request_id(parts[0])
             self._send_error(peer, request_id, exc)
         except Exception as exc:
+            if request_id < 0:
+                request_id = peek_request_id(parts[0])
             log.exception("%s: unexpected error handling request %d", self.prefix, request_id)
             self._send_error(peer, request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
 
