@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.logs import setup_logging
+from engine.malloc_tuning import keep_freed_memory
 from engine.shm import F_HEARTBEAT, F_PID, F_PORT, F_STATE, PROC_DOWN, PROC_UP
 from engine.telemetry import TelemetrySettings
 from servers.gateway import GatewayHandles, ShmGateway
@@ -52,6 +53,7 @@ def run(args: FrontendArgs) -> None:
     except ImportError:  # pragma: no cover
         pass
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    keep_freed_memory()  # large request buffers are reused, not faulted in afresh each time
     import uvloop
 
     uvloop.run(_main(args))

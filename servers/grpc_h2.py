@@ -188,7 +188,7 @@ class Connection(ServerConnection, asyncio.Protocol):
         if handler.request_streaming:
             call.task = self.loop.create_task(self._run(call))
 
-    def on_data(self, sid: int, data: bytes, flow_len: int) -> None:
+    def on_data(self, sid: int, data: memoryview, flow_len: int) -> None:
         call = self.calls.get(sid)
         if call is None or call.done:
             # an answered or refused call's leftovers: free the window, drop the bytes
@@ -214,8 +214,15 @@ class Connection(ServerConnection, asyncio.Protocol):
                 if len(buf) < 5 + size:
                     break
                 flag = buf[0]
-                message = bytes(buf[5 : 5 + size])
-                del buf[: 5 + size]
+                message: bytes | memoryview
+                if len(buf) == 5 + size:
+                    # the usual end of a message that spanned frames: handed on as a view of the
+                    # buffer, which the call drops for a new one (no copy)
+                    message = memoryview(buf)[5:]
+                    call.buf = buf = bytearray()
+                else:
+                    message = bytes(memoryview(buf)[5 : 5 + size])
+                    del buf[: 5 + size]
                 self._take(call, flag, message)
                 if call.done:
                     break
@@ -225,7 +232,7 @@ class Connection(ServerConnection, asyncio.Protocol):
         else:
             self.acknowledge(sid, flow_len)
 
-    def _take(self, call: Call, flag: int, message: bytes) -> None:
+    def _take(self, call: Call, flag: int, message: bytes | memoryview) -> None:
         if flag:
             if not call.encoding:
                 self._finish(call, grpc.StatusCode.INTERNAL, "compressed message without grpc-encoding")
@@ -287,7 +294,7 @@ class Connection(ServerConnection, asyncio.Protocol):
     def _deserialize(self, call: Call, raw: bytes) -> Any:
         parse = call.handler.request_deserializer
         if parse is None:
-            return raw
+            return bytes(raw)
         try:
             return parse(raw)
         except Exception as exc:

@@ -2,7 +2,8 @@
 and the bearer-token interceptor.
 
 `generic_handlers` builds every method of the inference and health services into generic handlers
-from the generated method tables (same full method names, same (de)serializers), not grpc's
+from the generated method tables (same full method names, same (de)serializers but for the hot
+methods' requests, see `servers.grpc_infer_wire`), not grpc's
 registered methods (with those, grpc.aio's accept loop waits on one pending call per method, ~24,
 for every RPC: ~15 us each time) and not through an interceptor (grpc.aio then runs an interceptor
 coroutine chain per RPC). A request message that does not parse deserializes to `Malformed` and is
@@ -23,6 +24,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2_grpc
 
 from protos import grpc_service_pb2_grpc as pb_grpc
+from servers.grpc_infer_wire import parse_infer_request
 
 
 class Malformed:
@@ -143,7 +145,8 @@ def _lenient_handler(handler: grpc.RpcMethodHandler, hot: bool) -> grpc.RpcMetho
     """
     if handler.request_deserializer is None:
         return handler
-    parse = lenient(handler.request_deserializer)
+    # ModelInfer and ModelStreamInfer carry tensors: their large raw contents stay where they arrived
+    parse = lenient(parse_infer_request if hot else handler.request_deserializer)
     if hot and handler.unary_unary is not None:
         # no response serializer: the servicer answers wire bytes, which grpc sends as they are
         return grpc.unary_unary_rpc_method_handler(handler.unary_unary, request_deserializer=parse)

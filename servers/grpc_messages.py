@@ -25,6 +25,7 @@ from engine.models.spec import ModelSpec
 from protos import grpc_service_pb2 as pb
 from protos import model_config_pb2 as mc
 from servers.gateway_api import Gateway, InferInput
+from servers.grpc_infer_wire import InferRequestViews
 
 #: Typed-contents field and its natural numpy dtype, per KServe datatype. FP16 has no typed field in
 #: the protocol (clients must send raw contents); BYTES is not served by the shared-memory path.
@@ -82,11 +83,11 @@ def typed_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     return array
 
 
-def request_inputs(request: pb.ModelInferRequest) -> list[InferInput]:
+def request_inputs(request: pb.ModelInferRequest | InferRequestViews) -> list[InferInput]:
     """The inputs of a request, from ``raw_input_contents`` when present, else from typed contents.
 
-    Raw contents are passed as the bytes objects protobuf parsed: no copy here; the gateway's copy
-    into shared memory is the one copy of the request path.
+    Raw contents are passed as protobuf's bytes objects, or for a large request as views of the
+    received message (`InferRequestViews`): no copy here; the gateway copies them into shared memory.
     """
     raw = request.raw_input_contents
     tensors = request.inputs

@@ -38,6 +38,7 @@ from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_health
 from servers.gateway_api import FrontendSettings, Gateway
 from servers.grpc_handlers import BearerAuth, Malformed, generic_handlers, method_table, refuse
+from servers.grpc_infer_wire import InferRequestViews
 from servers.grpc_messages import (
     ModelCache,
     encode_infer_response,
@@ -187,7 +188,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference -------------------------------------------------------------------------------
 
     async def infer(
-        self, request: pb.ModelInferRequest, deadline_ns: int | None, *, stream: bool = False
+        self,
+        request: pb.ModelInferRequest | InferRequestViews,
+        deadline_ns: int | None,
+        *,
+        stream: bool = False,
     ) -> bytes:
         """Run one request through the gateway; returns its response's wire bytes (wrapped in a
         ModelStreamInferResponse when ``stream``). Raises EngineError on failure."""

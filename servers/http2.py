@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import TypeVar
 
 from servers import hpack_codec
 
@@ -48,6 +49,7 @@ MAX_FRAME_LIMIT = (1 << 24) - 1
 DEFAULT_TABLE_SIZE = 4096
 
 _HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8, type, flags, stream id
+_Payload = TypeVar("_Payload", bytes, bytearray, memoryview)
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
 
@@ -155,8 +157,9 @@ class ServerConnection:
     def on_request(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         """The peer opened stream ``sid`` with ``headers`` (an END_STREAM follows as `on_end`)."""
 
-    def on_data(self, sid: int, data: bytes, flow_len: int) -> None:
-        """Data on an open stream; ``flow_len`` (padding included) is owed back via `acknowledge`."""
+    def on_data(self, sid: int, data: memoryview, flow_len: int) -> None:
+        """Data on an open stream; ``flow_len`` (padding included) is owed back via `acknowledge`.
+        ``data`` views bytes nobody changes afterwards: a handler may keep it."""
 
     def on_end(self, sid: int) -> None:
         """The peer ended its side of stream ``sid`` (END_STREAM, or its trailers)."""
@@ -271,7 +274,7 @@ class ServerConnection:
 
     # ---- receiving -------------------------------------------------------------------------------
 
-    def receive(self, data: bytes) -> None:
+    def receive(self, data: bytes | bytearray) -> None:
         """Take the bytes the peer sent; events arrive as ``on_*`` calls before it returns.
 
         Raises `H2ProtocolError` (a GOAWAY queued) when the peer broke the protocol.
@@ -281,8 +284,10 @@ class ServerConnection:
             buf += data
             if len(buf) < self._need:
                 return
-            data = bytes(buf)
-            buf.clear()
+            # the buffer itself becomes the data (no copy); a new one takes what is left over, so
+            # the views of DATA payloads handed on stay as they were
+            data = buf
+            self._buf = bytearray()
         try:
             self._receive(data)
         except H2ProtocolError as exc:
@@ -292,7 +297,7 @@ class ServerConnection:
             self.goaway(ErrorCode.COMPRESSION_ERROR, str(exc).encode()[:256])
             raise H2ProtocolError(ErrorCode.COMPRESSION_ERROR, str(exc)) from None
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes | bytearray) -> None:
         pos = 0
         end = len(data)
         if not self._preface_seen:
@@ -317,15 +322,18 @@ class ServerConnection:
                 self._buf += memoryview(data)[pos:]
                 self._need = stop - pos
                 return
-            payload = data[pos + 9 : stop]
+            start = pos + 9
             pos = stop
             sid &= 0x7FFFFFFF
             if not self._settings_seen and ftype != SETTINGS:
                 raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "the first frame must be SETTINGS")
+            if ftype == DATA and self._block is None:
+                # a view: a large request message is copied once, where its call assembles it
+                self._data(flags, sid, memoryview(data)[start:stop])
+                continue
+            payload = bytes(data[start:stop])
             if self._block is not None:
                 self._continuation(ftype, flags, sid, payload)
-            elif ftype == DATA:
-                self._data(flags, sid, payload)
             elif ftype == HEADERS:
                 self._headers(flags, sid, payload)
             elif ftype == WINDOW_UPDATE:
@@ -356,14 +364,14 @@ class ServerConnection:
             self._buf += memoryview(data)[pos:]
             self._need = 9
 
-    def _unpad(self, flags: int, payload: bytes) -> bytes:
+    def _unpad(self, flags: int, payload: _Payload) -> _Payload:
         if flags & PADDED:
             if not payload or payload[0] >= len(payload):
                 raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "padding longer than the frame")
             return payload[1 : len(payload) - payload[0]]
         return payload
 
-    def _data(self, flags: int, sid: int, payload: bytes) -> None:
+    def _data(self, flags: int, sid: int, payload: memoryview) -> None:
         flow_len = len(payload)
         self.recv_window -= flow_len
         if self.recv_window < 0:

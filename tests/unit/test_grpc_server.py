@@ -866,3 +866,26 @@ def test_encoded_response_large_output_and_bounded_cache() -> None:
             "identity", "1", "", {"OUTPUT0": array}, {"OUTPUT0": "FP32"}
         )
     assert len(entry.tensor_fields) == TENSOR_FIELDS_MAX
+
+
+def test_a_large_request_reaches_the_gateway_as_views_of_the_received_message() -> None:
+    # 4 MiB arrives in several HTTP/2 DATA frames; its tensor goes on without protobuf's two copies
+    seen: list[type] = []
+
+    class Recording(FakeGateway):
+        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+            seen.extend(type(item.data) for item in args[1])
+            return await super().infer(*args, **kwargs)
+
+    x = np.arange(1 << 20, dtype=np.float32).reshape(1, -1)
+    tensor = tc.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    with running(Recording(), max_message_bytes=16 << 20) as srv:
+        client = tc.InferenceServerClient(srv.url)
+        try:
+            result = client.infer("identity", [tensor])
+        finally:
+            client.close()
+    out = result.as_numpy("OUTPUT0")
+    assert out is not None and np.array_equal(out, x), "the answer differs from the request"
+    assert seen == [memoryview]
