@@ -59,6 +59,9 @@ FAREWELL_S = 0.5
 #: drain): a peer that sends without reading (a PING flood, requests it never collects) must not grow
 #: this process's memory without bound
 WRITE_BUFFER_HIGH = 4 << 20
+#: a response message this large is not copied on its way out: its gRPC prefix goes in a DATA frame
+#: of its own and the frames are written with one vectored write instead of joined first
+VECTORED_MIN_BYTES = 64 << 10
 
 class Connection(ServerConnection, asyncio.Protocol):
     """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
@@ -79,6 +82,8 @@ class Connection(ServerConnection, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self._flush_scheduled = False
+        #: a large DATA payload is queued: the next write is vectored
+        self._vectored = False
 
     # ---- transport events ----------------------------------------------------------------------
 
@@ -358,11 +363,12 @@ class Connection(ServerConnection, asyncio.Protocol):
             if not call.headers_sent:
                 call.headers_sent = True
                 self.send_headers(call.sid, _RESPONSE_BLOCK)
-            frame = b"\0" + len(payload).to_bytes(4, "big") + payload
-            if call.pending:
-                call.pending.append(memoryview(frame))
+            prefix = b"\0" + len(payload).to_bytes(4, "big")
+            if len(payload) < VECTORED_MIN_BYTES:
+                self._queue_data(call, memoryview(prefix + payload))
             else:
-                self._send_data(call, memoryview(frame))
+                self._queue_data(call, memoryview(prefix))
+                self._queue_data(call, memoryview(payload))
         except StreamClosedError:
             self._drop(call)
             raise asyncio.CancelledError() from None
@@ -371,9 +377,17 @@ class Connection(ServerConnection, asyncio.Protocol):
             call.drained = self.loop.create_future()
             await call.drained
 
+    def _queue_data(self, call: Call, data: memoryview) -> None:
+        if call.pending:
+            call.pending.append(data)
+        else:
+            self._send_data(call, data)
+
     def _send_data(self, call: Call, data: memoryview) -> None:
         """Send what the windows allow; keep the rest in ``call.pending`` until they open."""
         sid = call.sid
+        if len(data) >= VECTORED_MIN_BYTES:
+            self._vectored = True
         while data:
             room = min(self.window(sid), self.max_outbound_frame_size)
             if room <= 0:
@@ -512,9 +526,16 @@ class Connection(ServerConnection, asyncio.Protocol):
         self._write_now()
 
     def _write_now(self) -> None:
-        data = self.data_to_send()
-        if data and self.transport is not None and not self.closing and not self.transport.is_closing():
-            self.transport.write(data)
+        if not self._vectored:
+            data = self.data_to_send()
+            if data and self.transport is not None and not self.closing and not self.transport.is_closing():
+                self.transport.write(data)
+            return
+        # the transport keeps references to what the kernel does not take at once (immutable bytes)
+        self._vectored = False
+        frames = self.frames_to_send()
+        if frames and self.transport is not None and not self.closing and not self.transport.is_closing():
+            self.transport.writelines(frames)
 
 
 class H2GrpcServer:

@@ -200,6 +200,12 @@ class ServerConnection:
         self._out.clear()
         return data
 
+    def frames_to_send(self) -> list[bytes | memoryview]:
+        """Every frame queued since the last call, in the pieces they were queued as (headers,
+        payload views): for a vectored write."""
+        out, self._out = self._out, []
+        return out
+
     def send_headers(self, sid: int, block: bytes, end_stream: bool = False) -> None:
         """Send the header block ``block`` (`hpack_codec.encode`) on ``sid``; END_STREAM closes our side."""
         stream = self.streams.get(sid)

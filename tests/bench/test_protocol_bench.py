@@ -2,11 +2,11 @@
 
 A launched server (``python -m engine.launch``, every port 0; `tests.integration.server.serving`)
 lives for the session. Each benchmark round is one ``identity`` request of FP32 [1, 256] through a
-plain client: gRPC unary, gRPC stream (one bidirectional stream kept open, one request per round),
-ZMQ (`ZmqClient`), REST with JSON tensors and REST with binary tensors (one keep-alive HTTP/1.1
-connection); every answer is checked. Skipped unless benchmarks are asked for (see tests/conftest.py);
-in quick mode each benchmark runs a few rounds, and the `bench load` / `bench compare` smoke runs
-last about a second each.
+plain client: gRPC unary (and once with FP32 [1, 1 Mi], 4 MiB each way), gRPC stream (one
+bidirectional stream kept open, one request per round), ZMQ (`ZmqClient`), REST with JSON tensors
+and REST with binary tensors (one keep-alive HTTP/1.1 connection); every answer is checked. Skipped
+unless benchmarks are asked for (see tests/conftest.py); in quick mode each benchmark runs a few
+rounds, and the `bench load` / `bench compare` smoke runs last about a second each.
 """
 
 from __future__ import annotations
@@ -91,6 +91,22 @@ def test_grpc_unary(benchmark: Any, bench_quick_mode: bool, channel: grpc.Channe
         benchmark, bench_quick_mode, lambda: _grpc_output(stub.ModelInfer(request, timeout=TIMEOUT_S))
     )
     np.testing.assert_array_equal(out, DATA)
+
+
+def test_grpc_unary_4mib(benchmark: Any, bench_quick_mode: bool, server: ServerProcess) -> None:
+    # a large tensor: the front-end's copies and page faults, not its per-call overhead
+    big = np.random.default_rng(1).standard_normal((1, 1 << 20), dtype=np.float32)
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=big.shape)
+    request.raw_input_contents.append(big.tobytes())
+    options = [("grpc.max_send_message_length", 16 << 20), ("grpc.max_receive_message_length", 16 << 20)]
+    with grpc.insecure_channel(server.grpc_address, options=options) as ch:
+        grpc.channel_ready_future(ch).result(timeout=TIMEOUT_S)
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        out = measure(
+            benchmark, bench_quick_mode, lambda: _grpc_output(stub.ModelInfer(request, timeout=TIMEOUT_S))
+        )
+    assert np.array_equal(out, big), "the answer differs from the request"
 
 
 def test_grpc_stream(benchmark: Any, bench_quick_mode: bool, channel: grpc.Channel) -> None:
