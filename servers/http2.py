@@ -50,6 +50,8 @@ DEFAULT_TABLE_SIZE = 4096
 
 _HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8, type, flags, stream id
 _Payload = TypeVar("_Payload", bytes, bytearray, memoryview)
+#: a DATA frame at least this long is passed on in the pieces it arrives in (smaller ones whole)
+PARTIAL_DATA_MIN = 16 << 10
 _U32 = struct.Struct(">L")
 _SETTING = struct.Struct(">HL")
 
@@ -142,6 +144,11 @@ class ServerConnection:
         self._out: list[bytes | memoryview] = []
         self._buf = bytearray()
         self._need = 0
+        #: a large DATA frame whose payload is passed on as it arrives: its stream, flags and the
+        #: payload bytes still to come (0: none)
+        self._data_sid = 0
+        self._data_flags = 0
+        self._data_left = 0
         self._preface_seen = False
         self._settings_seen = False
         self._settings_acked = False
@@ -280,11 +287,15 @@ class ServerConnection:
 
     # ---- receiving -------------------------------------------------------------------------------
 
-    def receive(self, data: bytes | bytearray) -> None:
+    def receive(self, data: bytes | bytearray | memoryview) -> None:
         """Take the bytes the peer sent; events arrive as ``on_*`` calls before it returns.
 
         Raises `H2ProtocolError` (a GOAWAY queued) when the peer broke the protocol.
         """
+        if self._data_left:
+            data = self._rest_of_data(data)
+            if not data:
+                return
         buf = self._buf
         if buf:
             buf += data
@@ -303,17 +314,32 @@ class ServerConnection:
             self.goaway(ErrorCode.COMPRESSION_ERROR, str(exc).encode()[:256])
             raise H2ProtocolError(ErrorCode.COMPRESSION_ERROR, str(exc)) from None
 
-    def _receive(self, data: bytes | bytearray) -> None:
+    def _rest_of_data(self, data: bytes | bytearray | memoryview) -> memoryview:
+        """Pass on what ``data`` holds of the large DATA frame under way; returns what follows it."""
+        view = memoryview(data)
+        take = min(self._data_left, len(view))
+        self._data_left -= take
+        flags = self._data_flags if not self._data_left else self._data_flags & ~END_STREAM
+        try:
+            if not self.closing:
+                self._data(flags, self._data_sid, view[:take])
+        except H2ProtocolError as exc:
+            self._data_left = 0
+            self.goaway(exc.code, str(exc).encode()[:256])
+            raise
+        return view[take:]
+
+    def _receive(self, data: bytes | bytearray | memoryview) -> None:
         pos = 0
         end = len(data)
         if not self._preface_seen:
             if end < len(PREFACE):
-                if not PREFACE.startswith(data):
+                if not PREFACE.startswith(bytes(data)):
                     raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "not the HTTP/2 client preface")
                 self._buf += data
                 self._need = len(PREFACE)
                 return
-            if not data.startswith(PREFACE):
+            if bytes(data[: len(PREFACE)]) != PREFACE:
                 raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "not the HTTP/2 client preface")
             self._preface_seen = True
             pos = len(PREFACE)
@@ -325,6 +351,20 @@ class ServerConnection:
                 raise H2ProtocolError(ErrorCode.FRAME_SIZE_ERROR, f"a {length}-byte frame")
             stop = pos + 9 + length
             if stop > end:
+                if (
+                    ftype == DATA
+                    and length >= PARTIAL_DATA_MIN
+                    and not flags & PADDED
+                    and self._block is None
+                    and self._settings_seen
+                ):
+                    # a large DATA frame is passed on as it arrives, not buffered whole first: its
+                    # payload is copied once, where its call assembles the message
+                    self._data_sid = sid & 0x7FFFFFFF
+                    self._data_flags = flags
+                    self._data_left = stop - end
+                    self._data(flags & ~END_STREAM, self._data_sid, memoryview(data)[pos + 9 : end])
+                    return
                 self._buf += memoryview(data)[pos:]
                 self._need = stop - pos
                 return
