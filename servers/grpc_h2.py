@@ -296,7 +296,7 @@ class Connection(ServerConnection, asyncio.Protocol):
             return END
         return self._deserialize(call, raw)
 
-    def _deserialize(self, call: Call, raw: bytes) -> Any:
+    def _deserialize(self, call: Call, raw: bytes | memoryview) -> Any:
         parse = call.handler.request_deserializer
         if parse is None:
             return bytes(raw)
