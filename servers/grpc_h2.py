@@ -38,6 +38,7 @@ from servers import hpack_codec
 from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
 from servers.http2 import ErrorCode, H2ProtocolError, ServerConnection, StreamClosedError
+from servers.write_coalescing import CoalescedWrites
 
 log = logging.getLogger("servers.grpc_h2")
 
@@ -63,7 +64,7 @@ WRITE_BUFFER_HIGH = 4 << 20
 #: of its own and the frames are written with one vectored write instead of joined first
 VECTORED_MIN_BYTES = 64 << 10
 
-class Connection(ServerConnection, asyncio.Protocol):
+class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
     """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
     whose handler runs as a task."""
 
@@ -81,7 +82,6 @@ class Connection(ServerConnection, asyncio.Protocol):
         self.blocked: set[Call] = set()
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self._flush_scheduled = False
         #: a large DATA payload is queued: the next write is vectored
         self._vectored = False
 
@@ -514,16 +514,6 @@ class Connection(ServerConnection, asyncio.Protocol):
         self.loop.call_later(FAREWELL_S, transport.close)
 
     # ---- writing ---------------------------------------------------------------------------------
-
-    def _schedule_flush(self) -> None:
-        # every answer finished in this loop iteration goes out in one write
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._write_now()
 
     def _write_now(self) -> None:
         if not self._vectored:

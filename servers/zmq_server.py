@@ -50,6 +50,7 @@ from typing import Any, cast
 from engine.errors import EngineError, InternalError, ResourceExhausted, Unavailable
 from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
 from servers.observer import current as current_observer
+from servers.write_coalescing import CoalescedWrites
 from servers.zmq_protocol import (
     MAX_TENSORS,
     MsgType,
@@ -114,7 +115,7 @@ async def serve(
     await ZmqFrontend(gateway, settings, max_inflight=max_inflight).run(on_bound, stop)
 
 
-class Peer(ServerConnection, asyncio.Protocol):
+class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
     """One peer's TCP connection: ZMTP (`ServerConnection`) on an asyncio transport. Messages go to
     the front-end's `ZmqFrontend.dispatch`; replies are queued by `send` and written once per loop
     iteration."""
@@ -126,7 +127,6 @@ class Peer(ServerConnection, asyncio.Protocol):
         self.loop = frontend.loop
         self.transport: asyncio.Transport | None = None
         self.name = "?"
-        self._flush_scheduled = False
         self._handshake_timer: asyncio.TimerHandle | None = None
         #: results whose outputs are queued for the next write
         self._queued: list[InferResult] = []
@@ -209,16 +209,6 @@ class Peer(ServerConnection, asyncio.Protocol):
         self._large |= large
         self._schedule_flush()
         return True
-
-    def _schedule_flush(self) -> None:
-        # every reply finished in this loop iteration goes out in one write
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._write_now()
 
     def _write_now(self) -> None:
         transport = self.transport
