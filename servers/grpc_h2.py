@@ -37,6 +37,7 @@ import grpc
 from servers import hpack_codec
 from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
+from servers.grpc_message_buffer import MessageTooLarge
 from servers.http2 import ErrorCode, H2ProtocolError, ServerConnection, StreamClosedError
 from servers.write_coalescing import CoalescedWrites
 
@@ -63,6 +64,7 @@ WRITE_BUFFER_HIGH = 4 << 20
 #: a response message this large is not copied on its way out: its gRPC prefix goes in a DATA frame
 #: of its own and the frames are written with one vectored write instead of joined first
 VECTORED_MIN_BYTES = 64 << 10
+
 
 class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
     """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
@@ -163,7 +165,7 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         server = self.server
         name = path.decode("latin-1")
         handler = server.handlers.get(name)
-        call = Call(sid, name, handler, headers)
+        call = Call(sid, name, handler, headers, self.server.max_message_bytes)
         self.calls[sid] = call
         server.active += 1
         if handler is None:
@@ -200,34 +202,17 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             self.acknowledge(sid, flow_len)
             return
         buf = call.buf
-        limit = self.server.max_message_bytes
-        if not buf and len(data) >= 5 and len(data) == 5 + int.from_bytes(data[1:5], "big") <= 5 + limit:
+        if not buf and len(data) >= 5 and len(data) == 5 + int.from_bytes(data[1:5], "big") <= 5 + buf.limit:
             # the common case: one whole message in one DATA frame
             self._take(call, data[0], data[5:])
         else:
-            buf += data
-            while len(buf) >= 5:
-                size = int.from_bytes(buf[1:5], "big")
-                if size > limit:
-                    self.acknowledge(sid, flow_len)
-                    self._finish(
-                        call,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"Received message larger than max ({size} vs. {limit})",
-                    )
-                    return
-                if len(buf) < 5 + size:
-                    break
-                flag = buf[0]
-                message: bytes | memoryview
-                if len(buf) == 5 + size:
-                    # the usual end of a message that spanned frames: handed on as a view of the
-                    # buffer, which the call drops for a new one (no copy)
-                    message = memoryview(buf)[5:]
-                    call.buf = buf = bytearray()
-                else:
-                    message = bytes(memoryview(buf)[5 : 5 + size])
-                    del buf[: 5 + size]
+            try:
+                messages = buf.feed(data)
+            except MessageTooLarge as exc:
+                self.acknowledge(sid, flow_len)
+                self._finish(call, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                return
+            for flag, message in messages:
                 self._take(call, flag, message)
                 if call.done:
                     break

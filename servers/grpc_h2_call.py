@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import grpc
 import grpc.aio
 
+from servers.grpc_message_buffer import MessageBuffer
+
 if TYPE_CHECKING:
     from servers.grpc_h2 import Connection
 
@@ -75,14 +77,20 @@ class Call:
     )  # fmt: skip
 
     def __init__(
-        self, sid: int, path: str, handler: grpc.RpcMethodHandler, headers: list[tuple[bytes, bytes]]
+        self,
+        sid: int,
+        path: str,
+        handler: grpc.RpcMethodHandler,
+        headers: list[tuple[bytes, bytes]],
+        max_message_bytes: int,
     ) -> None:
         self.sid = sid
         self.path = path
         self.handler = handler
         self.headers = headers
         self.deadline: float | None = None
-        self.buf = bytearray()
+        #: the request message being received, when it spans DATA frames
+        self.buf = MessageBuffer(max_message_bytes)
         self.messages: deque[Any] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.unacked = 0
