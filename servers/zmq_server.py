@@ -49,6 +49,7 @@ from typing import Any, cast
 
 from engine.errors import EngineError, InternalError, ResourceExhausted, Unavailable
 from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
+from servers.held_writes import HeldWrites, Release, run_releases
 from servers.observer import current as current_observer
 from servers.write_coalescing import CoalescedWrites
 from servers.zmq_protocol import (
@@ -128,12 +129,10 @@ class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.name = "?"
         self._handshake_timer: asyncio.TimerHandle | None = None
-        #: results whose outputs are queued for the next write
-        self._queued: list[InferResult] = []
-        #: results whose outputs the transport may still hold (written, not yet sent)
-        self._held: list[InferResult] = []
-        self._held_timer: asyncio.TimerHandle | None = None
-        self._held_delay = 0.0
+        #: releases of the results whose outputs are queued for the next write
+        self._queued: list[Release] = []
+        #: those whose outputs the transport may still hold (written, not yet sent)
+        self._held = HeldWrites(self.loop, lambda: self.transport, frontend.prefix)
         self._large = False
 
     # -- asyncio.Protocol ---------------------------------------------------------------------------
@@ -153,11 +152,9 @@ class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
         self.transport = None
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
-        if self._held_timer is not None:
-            self._held_timer.cancel()
         self.data_to_send()
-        self._release(self._queued)
-        self._release(self._held)
+        run_releases(self._queued, self.frontend.prefix)
+        self._held.release_all()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -201,11 +198,11 @@ class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
         is released at once)."""
         if self.transport is None or self.transport.is_closing():
             if result is not None:
-                self._release([result])
+                run_releases([result.release], self.frontend.prefix)
             return False
         self.send_message(frames)
         if result is not None:
-            self._queued.append(result)
+            self._queued.append(result.release)
         self._large |= large
         self._schedule_flush()
         return True
@@ -226,34 +223,10 @@ class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
         queued = self._queued
         if queued:
             self._queued = []
-            if copied or not transport.get_write_buffer_size():
-                self._release(queued)
+            if copied:
+                run_releases(queued, self.frontend.prefix)
             else:
-                self._hold(queued)
-
-    def _hold(self, results: list[InferResult]) -> None:
-        self._held.extend(results)
-        if self._held_timer is None:
-            self._held_delay = 0.0002
-            self._held_timer = self.loop.call_later(self._held_delay, self._check_held)
-
-    def _check_held(self) -> None:
-        self._held_timer = None
-        transport = self.transport
-        if transport is not None and transport.get_write_buffer_size():
-            self._held_delay = min(self._held_delay * 2, 0.01)
-            self._held_timer = self.loop.call_later(self._held_delay, self._check_held)
-            return
-        held, self._held = self._held, []
-        self._release(held)
-
-    def _release(self, results: list[InferResult]) -> None:
-        for result in results:
-            try:
-                result.release()
-            except Exception:
-                log.exception("%s: releasing a result failed", self.frontend.prefix)
-        results.clear()
+                self._held.written(queued)
 
     # -- ending -------------------------------------------------------------------------------------
 
