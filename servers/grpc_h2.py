@@ -38,6 +38,8 @@ from servers import hpack_codec
 from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
 from servers.grpc_message_buffer import MessageTooLarge
+from servers.grpc_messages import ViewedMessage
+from servers.held_writes import HeldWrites, Release, run_releases
 from servers.http2 import ErrorCode, H2ProtocolError, ServerConnection, StreamClosedError
 from servers.write_coalescing import CoalescedWrites
 
@@ -86,6 +88,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         self.peer = ""
         #: a large DATA payload is queued: the next write is vectored
         self._vectored = False
+        #: calls whose response views a result that is released once its bytes are written
+        self._viewing: list[Call] = []
+        #: those releases once written, until the transport has sent the bytes
+        self._held = HeldWrites(self.loop, lambda: self.transport, "grpc h2")
 
     # ---- transport events ----------------------------------------------------------------------
 
@@ -108,6 +114,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         for call in list(self.calls.values()):
             self._drop(call)
         self.transport = None
+        for call in self._viewing:
+            run_releases(call.releases, "grpc h2")
+        self._viewing.clear()
+        self._held.release_all()
         if not self.server.connections and self.server.all_closed is not None:
             self.server.all_closed.set()
 
@@ -333,21 +343,27 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             await result
 
     async def send_message(self, call: Call, message: Any) -> None:
-        """Queue one response message (serialized unless it is wire bytes already)."""
-        if call.done:
-            raise asyncio.CancelledError()
+        """Queue one response message (serialized unless it is wire bytes already, or a
+        `ViewedMessage`, whose pieces are written as they are and released once sent)."""
+        if isinstance(message, ViewedMessage):
+            try:
+                self._start_message(call, message.nbytes)
+            except BaseException:
+                message.release()  # nothing viewing it was queued
+                raise
+            self._queue_viewed(call, message)
+        else:
+            self._queue_message(call, message)
+        self._schedule_flush()
+        if call.pending:
+            call.drained = self.loop.create_future()
+            await call.drained
+
+    def _queue_message(self, call: Call, message: Any) -> None:
         serialize = call.handler.response_serializer
         payload = message if serialize is None or isinstance(message, bytes) else serialize(message)
-        limit = self.server.max_message_bytes
-        if len(payload) > limit:
-            raise Abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"Sent message larger than max ({len(payload)} vs. {limit})",
-            )
+        self._start_message(call, len(payload))
         try:
-            if not call.headers_sent:
-                call.headers_sent = True
-                self.send_headers(call.sid, _RESPONSE_BLOCK)
             prefix = b"\0" + len(payload).to_bytes(4, "big")
             if len(payload) < VECTORED_MIN_BYTES:
                 self._queue_data(call, memoryview(prefix + payload))
@@ -357,10 +373,39 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         except StreamClosedError:
             self._drop(call)
             raise asyncio.CancelledError() from None
-        self._schedule_flush()
-        if call.pending:
-            call.drained = self.loop.create_future()
-            await call.drained
+
+    def _queue_viewed(self, call: Call, message: ViewedMessage) -> None:
+        # The pieces go into the frames (or the call's pending data) as views: the next write is
+        # vectored, and the result is released once the transport holds none of their bytes. From
+        # here on the release waits for a write, whatever happens (a dropped call schedules one).
+        call.releases.append(message.release)
+        if len(call.releases) == 1:
+            self._viewing.append(call)
+        self._vectored = True
+        try:
+            self._queue_data(call, memoryview(b"\0" + message.nbytes.to_bytes(4, "big")))
+            for piece in message.pieces:
+                self._queue_data(call, memoryview(piece).cast("B"))
+        except StreamClosedError:
+            self._drop(call)
+            raise asyncio.CancelledError() from None
+
+    def _start_message(self, call: Call, size: int) -> None:
+        """Check that a response message of ``size`` bytes may go; send the headers first."""
+        if call.done:
+            raise asyncio.CancelledError()
+        limit = self.server.max_message_bytes
+        if size > limit:
+            raise Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, f"Sent message larger than max ({size} vs. {limit})"
+            )
+        if not call.headers_sent:
+            call.headers_sent = True
+            try:
+                self.send_headers(call.sid, _RESPONSE_BLOCK)
+            except StreamClosedError:
+                self._drop(call)
+                raise asyncio.CancelledError() from None
 
     def _queue_data(self, call: Call, data: memoryview) -> None:
         if call.pending:
@@ -444,6 +489,8 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         call.pending.clear()
         self.blocked.discard(call)
         self.calls.pop(call.sid, None)
+        if call.releases:
+            self._schedule_flush()  # what it viewed will not be sent: released after the next write
         if call.drained is not None and not call.drained.done():
             call.drained.cancel()
         self._wake_reader(call)
@@ -505,12 +552,29 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             data = self.data_to_send()
             if data and self.transport is not None and not self.closing and not self.transport.is_closing():
                 self.transport.write(data)
-            return
-        # the transport keeps references to what the kernel does not take at once (immutable bytes)
-        self._vectored = False
-        frames = self.frames_to_send()
-        if frames and self.transport is not None and not self.closing and not self.transport.is_closing():
-            self.transport.writelines(frames)
+        else:
+            # the transport keeps references to what the kernel does not take at once (immutable
+            # bytes, or results held until it has sent them)
+            self._vectored = False
+            frames = self.frames_to_send()
+            if frames and self.transport is not None and not self.closing and not self.transport.is_closing():
+                self.transport.writelines(frames)
+        if self._viewing:
+            self._written()
+
+    def _written(self) -> None:
+        """Hand the releases of the calls whose viewed responses are all written (or dropped) to
+        `_held`, which runs them once the transport has sent the bytes."""
+        ready: list[Release] = []
+        still = []
+        for call in self._viewing:
+            if call.pending:
+                still.append(call)  # waiting for window: its views are not written yet
+            else:
+                ready += call.releases
+                call.releases.clear()
+        self._viewing = still
+        self._held.written(ready)
 
 
 class H2GrpcServer:

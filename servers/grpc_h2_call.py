@@ -10,6 +10,7 @@ import base64
 import contextlib
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import grpc
@@ -72,8 +73,8 @@ class Call:
 
     __slots__ = (
         "buf", "code", "deadline", "details", "done", "drained", "encoding", "handler", "headers",
-        "headers_sent", "messages", "path", "pending", "request_closed", "sid", "task", "timer",
-        "trailers", "unacked", "waiter",
+        "headers_sent", "messages", "path", "pending", "releases", "request_closed", "sid", "task",
+        "timer", "trailers", "unacked", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -98,6 +99,8 @@ class Call:
         self.task: asyncio.Task[None] | None = None
         self.headers_sent = False
         self.pending: deque[memoryview] = deque()
+        #: releases of the results its response views (`servers.grpc_messages.ViewedMessage`)
+        self.releases: list[Callable[[], None]] = []
         #: the trailers' header block, once the call is answered
         self.trailers: bytes | None = None
         self.drained: asyncio.Future[None] | None = None
@@ -112,6 +115,9 @@ class H2Context:
     """What a handler gets in place of `grpc.aio.ServicerContext` (the parts the servicers use)."""
 
     __slots__ = ("_call", "_conn")
+
+    #: handlers may answer with a `servers.grpc_messages.ViewedMessage` (not so on grpc.aio)
+    sends_views = True
 
     def __init__(self, call: Call, conn: Connection) -> None:
         self._call = call

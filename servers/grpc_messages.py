@@ -13,7 +13,7 @@ without the ``tobytes()`` copy and the second copy of serializing a message hold
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,6 +330,14 @@ def encode_infer_response(
         outputs: output name -> array, in the order of the response.
         stream: wrap the response in a ModelStreamInferResponse (``infer_response``).
     """
+    return b"".join(infer_response_pieces(entry, request_id, outputs, stream=stream)[0])
+
+
+def infer_response_pieces(
+    entry: ModelEntry, request_id: str, outputs: Mapping[str, np.ndarray], *, stream: bool = False
+) -> tuple[list[Any], int]:
+    """`encode_infer_response` before the join: the pieces (bytes, and the C-contiguous arrays as
+    they are) and their total size. Writing the pieces one after the other writes the response."""
     parts: list[Any] = [entry.response_head]
     if request_id:
         parts.append(_string_field(_ID, request_id))
@@ -342,10 +350,21 @@ def encode_infer_response(
         nbytes = array.nbytes
         data_bytes += nbytes
         contents.append(_RAW_OUTPUT + _varint(nbytes))
-        # joined as it is: a C-contiguous array's buffer holds exactly the bytes tobytes() would copy
+        # as it is: a C-contiguous array's buffer holds exactly the bytes tobytes() would copy
         contents.append(array if array.flags.c_contiguous else np.ascontiguousarray(array))
     parts += contents
-    if stream:  # every part but the arrays is bytes
-        size = data_bytes + sum(len(p) for p in parts if type(p) is bytes)
+    size = data_bytes + sum(len(p) for p in parts if type(p) is bytes)  # every part but the arrays is bytes
+    if stream:
         parts[:0] = (_STREAM_INFER_RESPONSE, _varint(size))
-    return b"".join(parts)
+        size += len(parts[0]) + len(parts[1])
+    return parts, size
+
+
+@dataclass(slots=True)
+class ViewedMessage:
+    """A response message in pieces, some of them viewing a result's shared memory: the transport
+    writes them as they are and calls `release` once it holds none of their bytes."""
+
+    pieces: list[Any]
+    nbytes: int
+    release: Callable[[], None]

@@ -9,8 +9,11 @@ Request path of ModelInfer: protobuf parses the request (the transport refuses o
 ``max_message_bytes`` with RESOURCE_EXHAUSTED before we see it), the raw input bytes go to the gateway
 as they are (its copy into shared memory is the one copy), and each output is copied once out of
 shared memory into the response's wire bytes (`servers.grpc_messages.encode_infer_response`) before
-the result is released. Engine errors map to their gRPC status
-(`engine.errors.EngineError.grpc_code`); anything else is logged and answered INTERNAL "internal error".
+the result is released; except on the `servers.grpc_h2` transport, whose context `sends_views`: a
+response of `VIEWED_MIN_BYTES` or more goes to it as a `ViewedMessage` (pieces viewing the outputs
+where they lie) and the transport releases the result once it has sent them. Engine errors map to
+their gRPC status (`engine.errors.EngineError.grpc_code`); anything else is logged and answered
+INTERNAL "internal error".
 
 Registration and malformed messages: `servers.grpc_handlers` (generic handlers, no interceptor
 unless bearer tokens are configured); ModelInfer and the stream reader check for `Malformed` requests
@@ -28,7 +31,7 @@ import importlib.metadata
 import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 
@@ -41,8 +44,9 @@ from servers.grpc_handlers import BearerAuth, Malformed, generic_handlers, metho
 from servers.grpc_infer_wire import InferRequestViews
 from servers.grpc_messages import (
     ModelCache,
-    encode_infer_response,
+    ViewedMessage,
     index_response,
+    infer_response_pieces,
     request_inputs,
     statistics_message,
 )
@@ -59,6 +63,9 @@ GRACE_S = 2.0
 #: Requests of one stream being computed or awaiting their write. Past this the stream stops reading,
 #: so a client that sends without reading responses is held back by flow control, not by our memory.
 STREAM_MAX_IN_FLIGHT = 1024
+#: ModelInfer responses at least this large are written from shared memory where the transport can
+#: (`servers.grpc_h2`), not copied out first; smaller ones cost less copied into the loop's one write.
+VIEWED_MIN_BYTES = 64 << 10
 #: RPCs of the service this engine does not serve (client-registered shared memory, model loading,
 #: trace and log settings): answered UNIMPLEMENTED.
 UNIMPLEMENTED = (
@@ -193,9 +200,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         deadline_ns: int | None,
         *,
         stream: bool = False,
-    ) -> bytes:
+        views: bool = False,
+    ) -> bytes | ViewedMessage:
         """Run one request through the gateway; returns its response's wire bytes (wrapped in a
-        ModelStreamInferResponse when ``stream``). Raises EngineError on failure."""
+        ModelStreamInferResponse when ``stream``), or with ``views`` and a response of at least
+        `VIEWED_MIN_BYTES`, its pieces viewing the result, which the caller must release. Raises
+        EngineError on failure."""
         name = request.model_name
         request_id = request.id
         observer = self._observer
@@ -211,9 +221,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline_ns=deadline_ns,
                 request_id=request_id,
             )
+            response: bytes | ViewedMessage
             try:
-                response = encode_infer_response(entry, request_id, result.outputs, stream=stream)
-            finally:
+                pieces, nbytes = infer_response_pieces(entry, request_id, result.outputs, stream=stream)
+                if views and nbytes >= VIEWED_MIN_BYTES:
+                    response = ViewedMessage(pieces, nbytes, result.release)
+                else:
+                    response = b"".join(pieces)
+            except BaseException:
+                result.release()
+                raise
+            if type(response) is bytes:
                 result.release()
         except BaseException as exc:
             observer.end(name, started, exc)
@@ -223,18 +241,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest | Malformed, context: grpc.aio.ServicerContext
-    ) -> bytes:
+    ) -> bytes | ViewedMessage:
         if isinstance(request, Malformed):
             await refuse(context, request)
         try:
-            return await self.infer(request, _deadline_ns(context))
+            views = getattr(context, "sends_views", False)
+            return await self.infer(request, _deadline_ns(context), views=views)
         except Exception as exc:
             await self._fail(context, exc)
 
     async def _stream_answer(self, request: pb.ModelInferRequest, deadline_ns: int | None) -> bytes:
         """One stream request's response (wire bytes); never raises (errors become ``error_message``)."""
         try:
-            return await self.infer(request, deadline_ns, stream=True)
+            return cast(bytes, await self.infer(request, deadline_ns, stream=True))  # no views asked
         except EngineError as exc:
             if isinstance(exc, InternalError):
                 log.error("%s: %s", self._prefix, exc.message)

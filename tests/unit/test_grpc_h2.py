@@ -26,6 +26,7 @@ from servers import grpc_h2, http2
 from servers.grpc_h2 import H2GrpcServer
 from servers.grpc_h2_call import encode_message, parse_timeout
 from servers.grpc_handlers import BearerAuth
+from servers.grpc_messages import ViewedMessage
 
 MAX = 1 << 20
 TIMEOUT_S = 20.0
@@ -38,6 +39,7 @@ class Handlers:
         self.release = asyncio.Event()
         self.cancelled = 0
         self.started = 0
+        self.releases = 0
 
     async def echo(self, request: bytes, context: Any) -> bytes:
         return request
@@ -62,6 +64,18 @@ class Handlers:
     async def fail(self, request: bytes, context: Any) -> bytes:
         raise RuntimeError("boom")
 
+    async def viewed(self, request: bytes, context: Any) -> ViewedMessage:
+        # an answer viewing memory that is scribbled over the moment it is released, as the
+        # engine's shared memory is reused: a release before the bytes are sent corrupts the answer
+        n = int(request)
+        memory = bytearray(i % 251 for i in range(n))
+
+        def release() -> None:
+            memory[:] = b"\xee" * n
+            self.releases += 1
+
+        return ViewedMessage([b"head", memoryview(memory)], 4 + n, release)
+
     async def count(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
         for i in range(int(request)):
             yield b"%d" % i
@@ -78,6 +92,7 @@ class Handlers:
         return {
             "/t.T/Echo": unary(self.echo),
             "/t.T/Big": unary(self.big),
+            "/t.T/Viewed": unary(self.viewed),
             "/t.T/Block": unary(self.block),
             "/t.T/Abort": unary(self.abort),
             "/t.T/Fail": unary(self.fail),
@@ -437,6 +452,86 @@ def test_an_answer_blocked_on_the_window_resumes_when_settings_widen_it() -> Non
         assert widened
         assert trailers["grpc-status"] == "0"
         assert body == b"\0" + (1000).to_bytes(4, "big") + bytes(i % 251 for i in range(1000))
+
+    run(scenario)
+
+
+def framed(message: bytes) -> bytes:
+    """``message`` with its gRPC prefix (not compressed, big-endian length)."""
+    return b"\0" + len(message).to_bytes(4, "big") + message
+
+
+def viewed_body(n: int) -> bytes:
+    return framed(b"head" + bytes(i % 251 for i in range(n)))
+
+
+def test_a_viewed_answer_is_released_only_once_the_transport_has_sent_it() -> None:
+    # larger than the client's first window: parts wait for WINDOW_UPDATEs, in the call's pending
+    # data and then in the transport; each answer must still arrive as it was before its release
+    n = 900_000
+
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        method = channel.unary_unary("/t.T/Viewed")
+        answers = await asyncio.gather(*(method(b"%d" % n) for _ in range(4)))
+        want = viewed_body(n)[5:]
+        assert all(answer == want for answer in answers), "an answer was sent after its release"
+        await until(lambda: handlers.releases == 4)
+
+    run(scenario)
+
+
+async def raw_client(port: int, window: int) -> tuple[Any, asyncio.StreamReader, asyncio.StreamWriter]:
+    """An `h2` client connection whose streams open with a window of ``window`` bytes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window}
+    )
+    client.initiate_connection()
+    writer.write(client.data_to_send())
+    return client, reader, writer
+
+
+def send_call(client: Any, sid: int, path: str, message: bytes) -> None:
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x")]
+    client.send_headers(sid, [*headers, ("content-type", "application/grpc")])
+    client.send_data(sid, framed(message), end_stream=True)
+
+
+async def read_until(client: Any, reader: asyncio.StreamReader, sid: int, nbytes: int) -> bytes:
+    """Read until stream ``sid`` has brought ``nbytes`` of DATA; returns them."""
+    body = b""
+    while len(body) < nbytes:
+        data = await reader.read(65536)
+        assert data, "the server hung up"
+        for event in client.receive_data(data):
+            if isinstance(event, h2.events.DataReceived) and event.stream_id == sid:
+                body += event.data
+    return body
+
+
+@pytest.mark.parametrize("how", ["reset", "hang up"])
+def test_a_viewed_answer_that_will_not_be_sent_is_released(how: str) -> None:
+    # the peer's 100-byte window holds the rest of the answer back; the peer then resets the call
+    # or goes away: nothing more is sent, and the memory must not stay held
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        client, reader, writer = await raw_client(channel_port(server), window=100)
+        send_call(client, 1, "/t.T/Viewed", b"50000")
+        writer.write(client.data_to_send())
+        assert await read_until(client, reader, 1, 100) == viewed_body(50_000)[:100]
+        await asyncio.sleep(0.05)
+        assert handlers.releases == 0, "released while its answer waits for the window"
+        if how == "reset":
+            client.reset_stream(1, h2.errors.ErrorCodes.CANCEL)
+            writer.write(client.data_to_send())
+            await until(lambda: handlers.releases == 1)
+            send_call(client, 3, "/t.T/Echo", b"still here")  # the connection serves on
+            writer.write(client.data_to_send())
+            assert await read_until(client, reader, 3, 15) == framed(b"still here")
+        else:
+            writer.close()
+            await until(lambda: handlers.releases == 1)
+        writer.close()
 
     run(scenario)
 

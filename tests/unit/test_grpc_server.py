@@ -321,6 +321,51 @@ def test_infer_releases_results(server: RunningServer) -> None:
     assert len(results) == 1 and results[0].released
 
 
+def test_a_large_answer_is_sent_before_its_result_is_released() -> None:
+    # The h2 transport writes a large answer from the result's memory: that memory is scribbled
+    # over here the moment the result is released (as the engine reuses shared memory), so a
+    # release before the bytes are sent shows as a wrong answer. grpcio copies before releasing.
+    results: list[FakeResult] = []
+
+    class Scribbling(FakeGateway):
+        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+            result = await super().infer(*args, **kwargs)
+            outputs = {name: np.array(a) for name, a in result.outputs.items()}
+            result.outputs = outputs
+            release = result.release
+
+            def scribble() -> None:
+                for array in outputs.values():
+                    array.fill(-1)
+                release()
+
+            result.release = scribble  # type: ignore[method-assign]
+            results.append(result)
+            return result
+
+    x = np.arange(1 << 20, dtype=np.float32).reshape(1, -1)  # 4 MiB
+    tensor = tc_aio.InferInput("INPUT0", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+
+    async def calls(url: str) -> list[Any]:
+        client = tc_aio.InferenceServerClient(url)
+        try:
+            return list(await asyncio.gather(*(client.infer("identity", [tensor]) for _ in range(4))))
+        finally:
+            await client.close()
+
+    with running(Scribbling(), max_message_bytes=16 << 20) as srv:
+        answers = asyncio.run(calls(srv.url))
+        deadline = time.monotonic() + 10
+        while not all(r.released for r in results) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for answer in answers:
+        out = answer.as_numpy("OUTPUT0")
+        # not `==` on the arrays' bytes: a failure would have pytest diff 4 MiB
+        assert out is not None and np.array_equal(out, x), "an answer was sent after its release"
+    assert len(results) == 4 and all(r.released for r in results)
+
+
 def test_output_selection(client: tc.InferenceServerClient) -> None:
     a, b = rng_arrays()
     result = client.infer("simple", simple_inputs(a, b), outputs=[tc.InferRequestedOutput("OUTPUT1")])
