@@ -337,7 +337,8 @@ def infer_response_pieces(
     entry: ModelEntry, request_id: str, outputs: Mapping[str, np.ndarray], *, stream: bool = False
 ) -> tuple[list[Any], int]:
     """`encode_infer_response` before the join: the pieces (bytes, and the C-contiguous arrays as
-    they are) and their total size. Writing the pieces one after the other writes the response."""
+    they are), and the arrays' bytes. Writing the pieces one after the other writes the response;
+    `pieces_nbytes` is its size."""
     parts: list[Any] = [entry.response_head]
     if request_id:
         parts.append(_string_field(_ID, request_id))
@@ -353,11 +354,14 @@ def infer_response_pieces(
         # as it is: a C-contiguous array's buffer holds exactly the bytes tobytes() would copy
         contents.append(array if array.flags.c_contiguous else np.ascontiguousarray(array))
     parts += contents
-    size = data_bytes + sum(len(p) for p in parts if type(p) is bytes)  # every part but the arrays is bytes
     if stream:
-        parts[:0] = (_STREAM_INFER_RESPONSE, _varint(size))
-        size += len(parts[0]) + len(parts[1])
-    return parts, size
+        parts[:0] = (_STREAM_INFER_RESPONSE, _varint(pieces_nbytes(parts, data_bytes)))
+    return parts, data_bytes
+
+
+def pieces_nbytes(pieces: list[Any], data_bytes: int) -> int:
+    """The size of `infer_response_pieces`'s pieces whose arrays hold ``data_bytes``."""
+    return data_bytes + sum(len(p) for p in pieces if type(p) is bytes)  # every piece but the arrays
 
 
 @dataclass(slots=True)

@@ -10,10 +10,10 @@ Request path of ModelInfer: protobuf parses the request (the transport refuses o
 as they are (its copy into shared memory is the one copy), and each output is copied once out of
 shared memory into the response's wire bytes (`servers.grpc_messages.encode_infer_response`) before
 the result is released; except on the `servers.grpc_h2` transport, whose context `sends_views`: a
-response of `VIEWED_MIN_BYTES` or more goes to it as a `ViewedMessage` (pieces viewing the outputs
-where they lie) and the transport releases the result once it has sent them. Engine errors map to
-their gRPC status (`engine.errors.EngineError.grpc_code`); anything else is logged and answered
-INTERNAL "internal error".
+response with outputs of `VIEWED_MIN_BYTES` or more goes to it as a `ViewedMessage` (pieces viewing
+the outputs where they lie) and the transport releases the result once it has sent them. Engine
+errors map to their gRPC status (`engine.errors.EngineError.grpc_code`); anything else is logged and
+answered INTERNAL "internal error".
 
 Registration and malformed messages: `servers.grpc_handlers` (generic handlers, no interceptor
 unless bearer tokens are configured); ModelInfer and the stream reader check for `Malformed` requests
@@ -47,6 +47,7 @@ from servers.grpc_messages import (
     ViewedMessage,
     index_response,
     infer_response_pieces,
+    pieces_nbytes,
     request_inputs,
     statistics_message,
 )
@@ -63,8 +64,9 @@ GRACE_S = 2.0
 #: Requests of one stream being computed or awaiting their write. Past this the stream stops reading,
 #: so a client that sends without reading responses is held back by flow control, not by our memory.
 STREAM_MAX_IN_FLIGHT = 1024
-#: ModelInfer responses at least this large are written from shared memory where the transport can
-#: (`servers.grpc_h2`), not copied out first; smaller ones cost less copied into the loop's one write.
+#: ModelInfer responses whose outputs hold at least this many bytes are written from shared memory
+#: where the transport can (`servers.grpc_h2`), not copied out first; smaller ones cost less copied
+#: into the loop's one write.
 VIEWED_MIN_BYTES = 64 << 10
 #: RPCs of the service this engine does not serve (client-registered shared memory, model loading,
 #: trace and log settings): answered UNIMPLEMENTED.
@@ -203,7 +205,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         views: bool = False,
     ) -> bytes | ViewedMessage:
         """Run one request through the gateway; returns its response's wire bytes (wrapped in a
-        ModelStreamInferResponse when ``stream``), or with ``views`` and a response of at least
+        ModelStreamInferResponse when ``stream``), or with ``views`` and outputs of at least
         `VIEWED_MIN_BYTES`, its pieces viewing the result, which the caller must release. Raises
         EngineError on failure."""
         name = request.model_name
@@ -223,9 +225,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             response: bytes | ViewedMessage
             try:
-                pieces, nbytes = infer_response_pieces(entry, request_id, result.outputs, stream=stream)
-                if views and nbytes >= VIEWED_MIN_BYTES:
-                    response = ViewedMessage(pieces, nbytes, result.release)
+                pieces, data_bytes = infer_response_pieces(entry, request_id, result.outputs, stream=stream)
+                if views and data_bytes >= VIEWED_MIN_BYTES:
+                    response = ViewedMessage(pieces, pieces_nbytes(pieces, data_bytes), result.release)
                 else:
                     response = b"".join(pieces)
             except BaseException:
