@@ -413,8 +413,9 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         else:
             self._send_data(call, data)
 
-    def _send_data(self, call: Call, data: memoryview) -> None:
-        """Send what the windows allow; keep the rest in ``call.pending`` until they open."""
+    def _send_data(self, call: Call, data: memoryview) -> bool:
+        """Send what the windows allow; keep the rest at the head of ``call.pending`` until they
+        open. False when the windows closed before all of ``data`` was sent."""
         sid = call.sid
         if len(data) >= VECTORED_MIN_BYTES:
             self._vectored = True
@@ -423,9 +424,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             if room <= 0:
                 call.pending.appendleft(data)
                 self.blocked.add(call)
-                return
+                return False
             self.send_data(sid, data[:room])
             data = data[room:]
+        return True
 
     def on_window(self, sid: int) -> None:
         if not self.blocked:
@@ -437,10 +439,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             calls = [one] if one is not None and one in self.blocked else []
         for call in calls:
             try:
-                while call.pending:
-                    self._send_data(call, call.pending.popleft())
-                    if call.pending:
-                        break
+                # every piece the windows now allow: a message waits as several pieces (a prefix,
+                # a viewed answer's parts), and no further WINDOW_UPDATE need come for the rest
+                while call.pending and self._send_data(call, call.pending.popleft()):
+                    pass
             except StreamClosedError:
                 self._drop(call)
                 continue

@@ -510,6 +510,34 @@ async def read_until(client: Any, reader: asyncio.StreamReader, sid: int, nbytes
     return body
 
 
+@pytest.mark.parametrize(
+    ("path", "n", "window"),
+    [("/t.T/Viewed", 50_000, 5), ("/t.T/Viewed", 50_000, 7), ("/t.T/Big", 70_000, 3)],
+    ids=["viewed, blocked after the prefix", "viewed, blocked in a part", "bytes, blocked in the prefix"],
+)
+def test_an_answer_waiting_as_several_pieces_is_all_sent_when_the_window_opens(
+    path: str, n: int, window: int
+) -> None:
+    # The peer's window closes at a boundary between the pieces of an answer (a prefix, a viewed
+    # answer's parts) or inside one: one WINDOW_UPDATE that opens room for everything must let every
+    # piece go, not only the first (the peer has nothing left to acknowledge, so none would follow).
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        client, reader, writer = await raw_client(channel_port(server), window=window)
+        send_call(client, 1, path, b"%d" % n)
+        writer.write(client.data_to_send())
+        want = viewed_body(n) if path == "/t.T/Viewed" else framed(bytes(i % 251 for i in range(n)))
+        assert await read_until(client, reader, 1, window) == want[:window]
+        await asyncio.sleep(0.05)  # the rest waits for the window
+        client.increment_flow_control_window(1 << 20)
+        client.increment_flow_control_window(1 << 20, stream_id=1)
+        writer.write(client.data_to_send())
+        rest = await read_until(client, reader, 1, len(want) - window)
+        assert want[:window] + rest == want
+        writer.close()
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("how", ["reset", "hang up"])
 def test_a_viewed_answer_that_will_not_be_sent_is_released(how: str) -> None:
     # the peer's 100-byte window holds the rest of the answer back; the peer then resets the call

@@ -350,7 +350,8 @@ def test_a_large_answer_is_sent_before_its_result_is_released() -> None:
     async def calls(url: str) -> list[Any]:
         client = tc_aio.InferenceServerClient(url)
         try:
-            return list(await asyncio.gather(*(client.infer("identity", [tensor]) for _ in range(4))))
+            answers = asyncio.gather(*(client.infer("identity", [tensor]) for _ in range(4)))
+            return list(await asyncio.wait_for(answers, TIMEOUT_S))
         finally:
             await client.close()
 
