@@ -227,8 +227,12 @@ class ShmGateway:
         try:
             result = await future
         except asyncio.CancelledError:
-            # the client went away: let the worker drop the request instead of computing it
-            self._cancel_at_worker(req_id)
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # answered in the loop iteration that cancelled us: nobody will see this result
+                future.result().release()
+            else:
+                # the client went away: let the worker drop the request instead of computing it
+                self._cancel_at_worker(req_id)
             raise
         result.request_id = request_id
         return result

@@ -382,3 +382,38 @@ def test_a_cancelled_submit_has_its_result_given_back_when_it_comes(shared_engin
     shared_engine.run(scenario())
     assert len(released) == 1
     assert 3.0 in shared_engine.repo.computed("slow")
+
+
+def test_an_infer_cancelled_as_its_answer_arrives_gives_the_result_back(shared_engine: Any) -> None:
+    # The answer is set on the request's future and the awaiting task is cancelled in the same
+    # loop iteration, before the task resumes (a client hanging up as its answer comes): the task
+    # sees only CancelledError, so the gateway must release the result it will never hand out.
+    gw = shared_engine.gateway
+    released: list[int] = []
+    real_release, real_submit = gw._release, gw._submit
+    task: asyncio.Task[Any] | None = None
+
+    def spy_release(link: Any, offset: int, gen: int) -> None:
+        released.append(offset)
+        real_release(link, offset, gen)
+
+    def spy_submit(*args: Any, **kwargs: Any) -> Any:
+        req_id, future = real_submit(*args, **kwargs)
+        # registered before the task awaits the future, so it runs before the task's wake-up
+        future.add_done_callback(lambda _: task.cancel() if task is not None else None)
+        return req_id, future
+
+    async def scenario() -> None:
+        nonlocal task
+        gw._release, gw._submit = spy_release, spy_submit
+        try:
+            inputs = inputs_of(simple_inputs(np.random.default_rng(0), 1))
+            task = asyncio.ensure_future(gw.infer("simple", inputs))
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            del gw._release, gw._submit
+        assert not gw._pending
+
+    shared_engine.run(scenario())
+    assert len(released) == 1, "the answered result was never given back"
