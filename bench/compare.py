@@ -154,6 +154,7 @@ def compare(
                 server=server_processes(endpoints.pid),
                 progress=progress,
                 stats=stats,
+                settle=True,
             )
         for _ in range(repeat):
             for row in chosen:

@@ -34,6 +34,7 @@ from bench.load_server import Endpoints, launched_server
 from bench.load_stats import Recorder, summary
 from bench.load_targets import ENDPOINT_OF, PROTOCOLS
 from bench.output import write_json  # re-exported: callers use bench.load.write_json
+from engine.gc_tuning import settle_heap
 
 #: Pause between burst rounds, so that one round's tail never overlaps the next.
 ROUND_GAP_S = 0.5
@@ -89,6 +90,7 @@ def measure(
     profile_dir: str | Path | None = None,
     progress: bool = True,
     stats: Callable[[], dict[str, Any] | None] | None = None,
+    settle: bool = False,
 ) -> dict[str, Any]:
     """Run ``spec`` against the endpoint at ``address`` and return its figures.
 
@@ -103,6 +105,10 @@ def measure(
         progress: show a progress bar on stderr.
         stats: reads the engine's model statistics (`bench.load_profile.engine_model_stats`), to
             report the batches the worker formed during the window.
+        settle: once connected, freeze this process's heap and raise its young GC threshold
+            (`engine.gc_tuning.settle_heap`), as the command line does: a full collection walking
+            the ~200,000 objects torch and the clients leave would stop the load for ~0.1 s and
+            show as the server's latency. Off where the caller's process is not the client's own.
 
     Returns:
         ``protocol``, ``model``, ``mode``, ``concurrency``, ``rate``, ``burst``, ``procs``,
@@ -121,6 +127,8 @@ def measure(
     batches: dict[str, Any] | None = None
     try:
         driver.start()
+        if settle:
+            settle_heap()
         processes = {**driver.pids(), **(server or {})}
         meter = CpuMeter(processes)
         if profile_dir is not None:
@@ -364,6 +372,7 @@ def run_load(
                 server=server,
                 profile_dir=profile_dir,
                 progress=progress,
+                settle=True,
             )
         )
     payload = make_payload(spec.model)  # before the server starts: the mlp reference loads torch
@@ -378,6 +387,7 @@ def run_load(
             profile_dir=profile_dir,
             progress=progress,
             stats=engine_stats(endpoints, spec.model),
+            settle=True,
         )
     return stamp(result)
 

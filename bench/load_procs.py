@@ -33,6 +33,7 @@ import numpy as np
 from bench.load_payload import Payload
 from bench.load_runner import LoadSpec, PhaseResult, Session, new_loop
 from bench.load_server import REPO_ROOT
+from engine.gc_tuning import settle_heap
 
 #: Seconds a client process gets to connect and warm up.
 CHILD_READY_TIMEOUT_S = 120.0
@@ -232,6 +233,7 @@ def child_main(argv: list[str], stdin: IO[str] = sys.stdin, emit: Callable[[str]
     driver = InProcess(spec, argv[1], payload)
     try:
         driver.start()
+        settle_heap()  # this process is the client's own (see `bench.load.measure`)
         write(json.dumps({"ready": True, "pid": os.getpid()}))
         for line in stdin:
             if line.strip() != "go":

@@ -66,6 +66,7 @@ def run_sweep(duration_s: float, progress: bool, settings: Sequence[str] = ()) -
                     server=server,
                     progress=progress,
                     stats=engine_stats(endpoints, "mlp"),
+                    settle=True,
                 )
                 print(format_result(result), flush=True)
                 results.append(result)

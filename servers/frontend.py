@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from engine.gc_tuning import settle_heap
 from engine.logs import setup_logging
 from engine.malloc_tuning import keep_freed_memory
 from engine.shm import F_HEARTBEAT, F_PID, F_PORT, F_STATE, PROC_DOWN, PROC_UP
@@ -72,6 +73,7 @@ async def _main(args: FrontendArgs) -> None:
     observer.start(loop)
 
     def on_bound(port: int) -> None:
+        settle_heap()  # everything is imported and the server built: see engine.gc_tuning
         control.store_u64(slot + F_PORT, port)
         control.store_u64(slot + F_STATE, PROC_UP)
         log.info("serving %s on %s:%d", args.protocol, args.settings.host, port, extra={"event": "ready"})

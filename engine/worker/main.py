@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from engine.gc_tuning import settle_heap
 from engine.logs import setup_logging
 from engine.models.spec import ModelSpec
 from engine.shm import (
@@ -152,6 +153,7 @@ def run(args: WorkerArgs) -> None:
     # Take the front-ends' incarnations (resetting each pair's rings) before looking up: a front-end
     # sends as soon as it sees PROC_UP, and a reset after that would drop its request unanswered.
     core.sync_peers()
+    settle_heap()  # the models and torch's ~200,000 objects are never garbage: see engine.gc_tuning
     control.store_u64(slot + F_STATE, PROC_UP)
     log.info("ready: %d models", len(models), extra={"event": "ready"})
 
