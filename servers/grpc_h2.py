@@ -226,8 +226,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
                 self._take(call, flag, message)
                 if call.done:
                     break
-        if call.handler.request_streaming and not call.done:
-            # granted as the handler reads: a client streaming faster than it is answered waits
+        if call.handler.request_streaming and not call.done and call.messages:
+            # messages wait unread: the window is granted as the handler reads them, so a client
+            # streaming faster than it is answered waits. Bytes of a message still arriving are
+            # granted at once: a message larger than the window could never complete otherwise.
             call.unacked += flow_len
         else:
             self.acknowledge(sid, flow_len)

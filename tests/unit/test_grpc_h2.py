@@ -84,6 +84,11 @@ class Handlers:
         while (message := await context.read()) is not grpc.aio.EOF:
             await context.write(message.upper())
 
+    async def stall(self, requests: AsyncIterator[bytes], context: Any) -> None:
+        await context.read()
+        self.started += 1
+        await self.release.wait()
+
     async def metadata(self, request: bytes, context: Any) -> bytes:
         return repr(sorted(context.invocation_metadata())).encode()
 
@@ -99,6 +104,7 @@ class Handlers:
             "/t.T/Metadata": unary(self.metadata),
             "/t.T/Count": grpc.unary_stream_rpc_method_handler(self.count),
             "/t.T/Chat": grpc.stream_stream_rpc_method_handler(self.chat),
+            "/t.T/Stall": grpc.stream_stream_rpc_method_handler(self.stall),
             "/grpc.health.v1.Health/Check": unary(self.echo),
         }
 
@@ -270,6 +276,58 @@ def test_streaming_both_ways() -> None:
         chat = channel.stream_stream("/t.T/Chat")(words(), timeout=TIMEOUT_S)
         assert [m async for m in chat] == [b"A", b"BC", b"", b"DEF"]
         assert await chat.code() == grpc.StatusCode.OK
+
+    run(scenario)
+
+
+def test_stream_messages_larger_than_the_stream_window_arrive() -> None:
+    # a stream's window is 1 MiB and is granted as the handler reads: the bytes of a message still
+    # arriving must be granted before it is whole, or a larger message never completes
+    sizes = [(5 << 20) // 2, 3 << 20, 100, (1 << 20) + 7]
+
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        async def messages() -> AsyncIterator[bytes]:
+            for i, n in enumerate(sizes):
+                yield bytes([97 + i]) * n
+
+        chat = channel.stream_stream("/t.T/Chat")(messages(), timeout=TIMEOUT_S)
+        answers = [m async for m in chat]
+        assert [len(m) for m in answers] == sizes
+        assert all(m == bytes([65 + i]) * len(m) for i, m in enumerate(answers))
+
+    run(scenario, max_message_bytes=4 << 20)
+
+
+def test_a_stream_handler_that_does_not_read_holds_the_client_back() -> None:
+    # The handler reads one message and then waits. A raw client sends 256 KiB messages, 8 MiB in
+    # all, as fast as the windows allow: it must be stopped at about two stream windows (1 MiB
+    # each: the one in flight, and the one granted when the handler took its message), not at 8 MiB.
+    message = framed(bytes(256 << 10))
+    total = 32 * len(message)
+
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        client, reader, writer = await raw_client(channel_port(server), window=1 << 16)
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", "/t.T/Stall"), (":authority", "x")]
+        client.send_headers(1, [*headers, ("content-type", "application/grpc")])
+        sent = 0
+        while sent < total:
+            while (room := client.local_flow_control_window(1)) > 0 and sent < total:
+                offset = sent % len(message)
+                n = min(room, client.max_outbound_frame_size, len(message) - offset)
+                client.send_data(1, message[offset : offset + n])
+                sent += n
+            writer.write(client.data_to_send())
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 0.2)
+            except TimeoutError:
+                if handlers.started:
+                    break  # the windows stay shut
+                continue
+            assert data, "the server hung up"
+            client.receive_data(data)
+        assert handlers.started == 1
+        assert sent <= 2 * (1 << 20) + 2 * len(message), sent
+        writer.close()
 
     run(scenario)
 
