@@ -321,28 +321,34 @@ def test_infer_releases_results(server: RunningServer) -> None:
     assert len(results) == 1 and results[0].released
 
 
+class Scribbling(FakeGateway):
+    """Results whose outputs are scribbled over the moment they are released (as the engine reuses
+    shared memory): a release before the bytes are sent shows as a wrong answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.results: list[FakeResult] = []
+
+    async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+        result = await super().infer(*args, **kwargs)
+        outputs = {name: np.array(a) for name, a in result.outputs.items()}
+        result.outputs = outputs
+        release = result.release
+
+        def scribble() -> None:
+            for array in outputs.values():
+                array.fill(-1)
+            release()
+
+        result.release = scribble  # type: ignore[method-assign]
+        self.results.append(result)
+        return result
+
+
 def test_a_large_answer_is_sent_before_its_result_is_released() -> None:
-    # The h2 transport writes a large answer from the result's memory: that memory is scribbled
-    # over here the moment the result is released (as the engine reuses shared memory), so a
-    # release before the bytes are sent shows as a wrong answer. grpcio copies before releasing.
-    results: list[FakeResult] = []
-
-    class Scribbling(FakeGateway):
-        async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
-            result = await super().infer(*args, **kwargs)
-            outputs = {name: np.array(a) for name, a in result.outputs.items()}
-            result.outputs = outputs
-            release = result.release
-
-            def scribble() -> None:
-                for array in outputs.values():
-                    array.fill(-1)
-                release()
-
-            result.release = scribble  # type: ignore[method-assign]
-            results.append(result)
-            return result
-
+    # The h2 transport writes a large answer from the result's memory; grpcio copies before releasing.
+    gateway = Scribbling()
+    results = gateway.results
     x = np.arange(1 << 20, dtype=np.float32).reshape(1, -1)  # 4 MiB
     tensor = tc_aio.InferInput("INPUT0", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
@@ -355,7 +361,7 @@ def test_a_large_answer_is_sent_before_its_result_is_released() -> None:
         finally:
             await client.close()
 
-    with running(Scribbling(), max_message_bytes=16 << 20) as srv:
+    with running(gateway, max_message_bytes=16 << 20) as srv:
         answers = asyncio.run(calls(srv.url))
         deadline = time.monotonic() + 10
         while not all(r.released for r in results) and time.monotonic() < deadline:
@@ -365,6 +371,75 @@ def test_a_large_answer_is_sent_before_its_result_is_released() -> None:
         # not `==` on the arrays' bytes: a failure would have pytest diff 4 MiB
         assert out is not None and np.array_equal(out, x), "an answer was sent after its release"
     assert len(results) == 4 and all(r.released for r in results)
+
+
+def test_large_stream_messages_both_ways() -> None:
+    # ModelStreamInfer: six 4 MiB requests and answers on one stream, each a different array, all
+    # in flight (requests larger than the h2 transport's stream window hung it until 588c2f4)
+    gateway = Scribbling()
+    count = 6
+    arrays = [np.full((1, 1 << 20), i, dtype=np.float32) for i in range(count)]
+
+    async def stream(url: str) -> dict[str, np.ndarray]:
+        client = tc_aio.InferenceServerClient(url)
+
+        async def requests() -> Any:
+            for i, x in enumerate(arrays):
+                tensor = tc_aio.InferInput("INPUT0", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x)
+                yield {"model_name": "identity", "inputs": [tensor], "request_id": str(i)}
+
+        answers: dict[str, np.ndarray] = {}
+        try:
+            async with asyncio.timeout(TIMEOUT_S):
+                async for result, error in client.stream_infer(requests()):
+                    assert error is None, error
+                    answers[result.get_response().id] = result.as_numpy("OUTPUT0")
+                    if len(answers) == count:
+                        break
+        finally:
+            await client.close()
+        return answers
+
+    with running(gateway, max_message_bytes=16 << 20) as srv:
+        answers = asyncio.run(stream(srv.url))
+        deadline = time.monotonic() + 10
+        while not all(r.released for r in gateway.results) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert sorted(answers) == [str(i) for i in range(count)]
+    for i, x in enumerate(arrays):
+        assert np.array_equal(answers[str(i)], x), f"answer {i} is not its request's array"
+    assert len(gateway.results) == count and all(r.released for r in gateway.results)
+
+
+def test_a_stream_not_read_holds_no_results() -> None:
+    # A client that sends and does not read: its answers wait for its window, copied out of shared
+    # memory (stream answers are never written from it), so they hold none of the engine's arena.
+    count = 16
+    gateway = Scribbling()
+    x = np.ones((1, 1 << 18), dtype=np.float32)  # 1 MiB answers; the window is 64 KiB
+    requests = [
+        pb.ModelInferRequest(
+            model_name="identity",
+            id=str(i),
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=x.shape)],
+            raw_input_contents=[x.tobytes()],
+        )
+        for i in range(count)
+    ]
+
+    def held() -> int:
+        return sum(not r.released for r in gateway.results)
+
+    with running(gateway, max_message_bytes=16 << 20) as srv, grpc.insecure_channel(srv.url) as channel:
+        call = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter(requests))
+        deadline = time.monotonic() + TIMEOUT_S
+        while len(gateway.results) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(gateway.results) == count
+        time.sleep(0.2)  # the writer is stuck on the window by now
+        assert held() == 0, "a stream's answers waiting for its window hold shared memory"
+        call.cancel()
 
 
 def test_output_selection(client: tc.InferenceServerClient) -> None:
