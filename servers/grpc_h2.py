@@ -227,9 +227,11 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
                 if call.done:
                     break
         if call.handler.request_streaming and not call.done and call.messages:
-            # messages wait unread: the window is granted as the handler reads them, so a client
-            # streaming faster than it is answered waits. Bytes of a message still arriving are
-            # granted at once: a message larger than the window could never complete otherwise.
+            # messages wait unread: the stream's window is granted as the handler reads them, so a
+            # client streaming faster than it is answered waits (the connection's is granted now:
+            # the other calls go on). Bytes of a message still arriving are granted at once: a
+            # message larger than the window could never complete otherwise.
+            self.acknowledge_connection(flow_len)
             call.unacked += flow_len
         else:
             self.acknowledge(sid, flow_len)
@@ -285,7 +287,7 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             await call.waiter
         raw = call.messages.popleft()
         if call.unacked and not call.done:
-            self.acknowledge(call.sid, call.unacked)
+            self.acknowledge_stream(call.sid, call.unacked)
             call.unacked = 0
             self._schedule_flush()
         if raw is END:

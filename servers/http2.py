@@ -260,13 +260,23 @@ class ServerConnection:
             self._out.append(frame(RST_STREAM, 0, sid, _U32.pack(code)))
 
     def acknowledge(self, sid: int, size: int) -> None:
-        """``size`` inbound bytes of ``sid`` were taken: the peer may send them again. Window updates
-        go out once a quarter of the window (the connection's) or half (a stream's) is owed."""
+        """``size`` inbound bytes of ``sid`` were taken: the peer may send them again, on the stream
+        and on the connection. Window updates go out once a quarter of the window (the
+        connection's) or half (a stream's) is owed."""
+        self.acknowledge_connection(size)
+        self.acknowledge_stream(sid, size)
+
+    def acknowledge_connection(self, size: int) -> None:
+        """The connection's part of `acknowledge` alone: a stream that holds its bytes back (its
+        handler has not read them) must not hold up the connection's other streams."""
         self._recv_consumed += size
         if self._recv_consumed >= self.connection_window >> 2:
             self.recv_window += self._recv_consumed
             self._out.append(frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_consumed)))
             self._recv_consumed = 0
+
+    def acknowledge_stream(self, sid: int, size: int) -> None:
+        """The stream's part of `acknowledge` alone (its connection's part given already)."""
         stream = self.streams.get(sid)
         if stream is not None and not stream.remote_closed:
             stream.recv_consumed += size

@@ -332,6 +332,47 @@ def test_a_stream_handler_that_does_not_read_holds_the_client_back() -> None:
     run(scenario)
 
 
+def test_streams_that_are_not_read_do_not_hold_up_other_calls() -> None:
+    # Forty streams whose handler reads one message and stops each hold back what their stream's
+    # window allows: more than the connection's 16 MiB window in all. Only their streams' windows
+    # may stay shut; were the connection's shut too, the streams behind them could not even send
+    # their first message, nor any other call on the connection its request.
+    chunk = framed(bytes(256 << 10))
+    stall = [(":method", "POST"), (":scheme", "http"), (":authority", "x"), (":path", "/t.T/Stall")]
+
+    async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
+        client, reader, writer = await raw_client(channel_port(server), window=1 << 16)
+        stalled = list(range(1, 81, 2))
+        for sid in stalled:
+            client.send_headers(sid, [*stall, ("content-type", "application/grpc")])
+        sent = dict.fromkeys(stalled, 0)
+        for _ in range(400):  # send what the windows allow until they stay shut
+            for sid in stalled:
+                while (room := client.local_flow_control_window(sid)) > 0:
+                    offset = sent[sid] % len(chunk)
+                    n = min(room, client.max_outbound_frame_size, len(chunk) - offset)
+                    client.send_data(sid, chunk[offset : offset + n])
+                    sent[sid] += n
+            writer.write(client.data_to_send())
+            try:
+                data = await asyncio.wait_for(reader.read(65536), 0.2)
+            except TimeoutError:
+                if handlers.started == len(stalled) and sum(sent.values()) > 17 << 20:
+                    break  # every stream took its message, past the connection's window
+                continue
+            assert data, "the server hung up"
+            client.receive_data(data)
+        assert handlers.started == len(stalled)
+        # a unary call on the same connection must still get its request through, and an answer
+        assert client.outbound_flow_control_window > 0, "the connection's window stayed shut"
+        send_call(client, 81, "/t.T/Echo", b"still here")
+        writer.write(client.data_to_send())
+        assert await read_until(client, reader, 81, len(framed(b"still here"))) == framed(b"still here")
+        writer.close()
+
+    run(scenario)
+
+
 def test_bearer_tokens_and_metadata() -> None:
     async def scenario(server: H2GrpcServer, handlers: Handlers, channel: grpc.aio.Channel) -> None:
         echo = channel.unary_unary("/t.T/Echo")
