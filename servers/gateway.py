@@ -64,7 +64,7 @@ from ext.ring import DESC_DTYPE, Ring
 from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
 from servers.gateway_api import InferInput
 from servers.gateway_records import GatewayHandles, PendingRequest, ShmResult, WorkerLink
-from servers.gateway_requests import buffer_nbytes, output_mask, validate_inputs
+from servers.gateway_requests import InputChecks, output_mask
 from servers.gateway_responses import ParsedOutput, parse_outputs
 
 __all__ = ["DEADLINE_SLACK_S", "GatewayHandles", "ShmGateway", "ShmResult"]
@@ -86,6 +86,8 @@ class ShmGateway:
         self.layout = handles.layout
         self.specs = {s.name: s for s in handles.specs}
         self.index = {s.name: i for i, s in enumerate(handles.specs)}
+        # per model index: its input checks, prepared once (they run on every request)
+        self._checks = [InputChecks(s) for s in handles.specs]
         self._control: Segment | None = None
         self._arena: Arena | None = None
         self._links: list[WorkerLink] = []
@@ -133,6 +135,12 @@ class ShmGateway:
                 Ring.attach(control, self.layout.request_ring(h.f, w)),
                 Ring.attach(control, self.layout.response_ring(h.f, w)),
                 WakeWord(control, self.layout.worker(w, 64)),
+                board=(
+                    self.layout.worker(w, F_GEN),
+                    self.layout.worker(w, F_STATE),
+                    self.layout.worker(w, F_MODELS),
+                    self.layout.ack_w(w, h.f),
+                ),
             )
             for w in range(self.layout.n_workers)
         ]
@@ -254,10 +262,11 @@ class ShmGateway:
         outputs: Sequence[str] | None,
         deadline_ns: int | None,
     ) -> tuple[int, asyncio.Future[ShmResult]]:
-        spec = self.model_spec(model)
-        m = self.index[model]
-        ordered = validate_inputs(spec, inputs)
-        mask = output_mask(spec, outputs)
+        m = self.index.get(model)
+        if m is None:
+            raise NotFound(f"unknown model {model!r}")
+        ordered = self._checks[m].check(inputs)
+        mask = output_mask(self.h.specs[m], outputs) if outputs else 0
         if self._closed or self._board(0) & 0xFFFFFFFF != SERVER_READY:
             raise Unavailable("server is not ready (starting or draining)")
         if len(self._pending) >= self.h.max_inflight_per_frontend:
@@ -272,7 +281,7 @@ class ShmGateway:
         link = self._pick(m, model)
         arena = self._arena
         assert arena is not None
-        nbytes = [buffer_nbytes(item.data) for _, item, _ in ordered]
+        nbytes = [entry[3] for entry in ordered]
         total, offs = region_layout(nbytes)
         region = arena.try_alloc(total) if total <= arena.max_block else -1
         if region < 0:
@@ -283,9 +292,9 @@ class ShmGateway:
                 REQ_MAGIC,
                 0,
                 mask,
-                [(code, shape, offs[j], nbytes[j]) for j, (code, _, shape) in enumerate(ordered)],
+                [(code, shape, offs[j], nbytes[j]) for j, (code, _, shape, _) in enumerate(ordered)],
             )
-            for j, (_, item, _) in enumerate(ordered):
+            for j, (_, item, _, _) in enumerate(ordered):
                 arena.write(region + offs[j], item.data)
         except BaseException:
             arena.free(region)
@@ -374,10 +383,19 @@ class ShmGateway:
     # ---- request side ------------------------------------------------------------------------
 
     def _pick(self, m: int, model: str) -> WorkerLink:
-        n = len(self._links)
+        """The next worker, round robin, that is up, paired with this front-end and serves model ``m``."""
+        control = self._control
+        assert control is not None
+        load = control.load_u64
+        links = self._links
+        n = len(links)
+        gen = self.h.gen
         for k in range(n):
-            link = self._links[(self._rr + k) % n]
-            if self._active(link) and self._serves(link.w, m):
+            link = links[(self._rr + k) % n]
+            gen_at, state_at, models_at, ack_at = link.board
+            if load(gen_at) != link.acked:
+                self._sync_workers()
+            if link.acked and load(ack_at) == gen and load(state_at) == PROC_UP and load(models_at) >> m & 1:
                 self._rr = (self._rr + k + 1) % n
                 return link
         raise Unavailable(f"no worker serving model {model!r} is up")
@@ -393,12 +411,6 @@ class ShmGateway:
 
     def _serves(self, w: int, m: int) -> bool:
         return self._worker_up(w) and bool(self._board(self.layout.worker(w, F_MODELS)) >> m & 1)
-
-    def _active(self, link: WorkerLink) -> bool:
-        wgen = self._board(self.layout.worker(link.w, F_GEN))
-        if wgen != link.acked:
-            self._sync_workers()
-        return link.acked != 0 and self._board(self.layout.ack_w(link.w, self.h.f)) == self.h.gen
 
     def _sync_workers(self) -> None:
         """Take new worker incarnations: fail what the dead one held, reset the pair, acknowledge."""

@@ -43,10 +43,17 @@ class GatewayHandles:
 class WorkerLink:
     """This front-end's side of one (front-end, worker) pair."""
 
-    __slots__ = ("acked", "out_arena", "out_gen", "pending", "releases", "request", "response", "w", "word")
+    __slots__ = (
+        "acked", "board", "out_arena", "out_gen", "pending", "releases", "request", "response", "w", "word",
+    )  # fmt: skip
 
-    def __init__(self, w: int, request: Ring, response: Ring, word: WakeWord) -> None:
+    def __init__(
+        self, w: int, request: Ring, response: Ring, word: WakeWord, board: tuple[int, int, int, int]
+    ) -> None:
         self.w = w
+        #: control-segment offsets read per request: the worker's generation, state and model mask,
+        #: and the front-end generation it has taken
+        self.board = board
         self.request = request
         self.response = response
         self.word = word

@@ -1,8 +1,9 @@
 """Request checks of the shared-memory gateway: inputs against the model's metadata, the output mask,
 byte counts, the size limit, and the absolute deadline of a relative timeout.
 
-Plain functions that `servers.gateway.ShmGateway.infer` calls before it touches shared memory, so a
-refused request costs no arena space and no ring slot. Each refusal is an
+What `servers.gateway.ShmGateway` runs on a request before it touches shared memory, so a refused
+request costs no arena space and no ring slot; the input checks prepared once per model
+(`InputChecks`), as they run on every request. Each refusal is an
 `engine.errors.InvalidArgument` whose message names the tensor at fault.
 """
 
@@ -21,9 +22,93 @@ from servers.gateway_api import InferInput
 MAX_ELEMENTS = 1 << 40
 
 
+class InputChecks:
+    """`validate_inputs` for one model, prepared once: per model input its name, datatype, dtype
+    code, full shape and item size (the gateway checks every request against these, so nothing is
+    looked up or rebuilt per request)."""
+
+    __slots__ = ("names", "spec", "tensors")
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.names = tuple(t.name for t in spec.inputs)
+        self.tensors = tuple(
+            (
+                t.name,
+                t.datatype,
+                DTYPE_CODES[t.datatype],
+                spec.full_shape(t),
+                numpy_dtype(t.datatype).itemsize,
+            )
+            for t in spec.inputs
+        )
+
+    def check(self, inputs: Sequence[InferInput]) -> list[tuple[int, InferInput, tuple[int, ...], int]]:
+        """See `validate_inputs`; each entry also carries the input's byte count."""
+        spec = self.spec
+        names = self.names
+        if len(inputs) == len(names) and all(i.name == n for i, n in zip(inputs, names, strict=True)):
+            items: Sequence[InferInput] = inputs  # the model's order already (the usual case)
+        else:
+            items = self._reorder(inputs)
+        ordered = []
+        rows = None
+        for item, (name, datatype, code, want, itemsize) in zip(items, self.tensors, strict=True):
+            if item.datatype != datatype:
+                raise InvalidArgument(
+                    f"input {name!r}: datatype {item.datatype} does not match the model's {datatype}"
+                )
+            shape = tuple(map(int, item.shape))
+            if len(shape) != len(want) or len(shape) > MAX_RANK:
+                raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
+            count = 1
+            for d, w in zip(shape, want, strict=True):
+                if d < 0:
+                    raise InvalidArgument(f"input {name!r}: negative dimension in shape {list(shape)}")
+                if w != -1 and d != w:
+                    raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
+                count *= d
+                if count > MAX_ELEMENTS:
+                    raise InvalidArgument(f"input {name!r}: shape {list(shape)} is too large")
+            nbytes = buffer_nbytes(item.data)
+            if nbytes != count * itemsize:
+                raise InvalidArgument(
+                    f"input {name!r}: {nbytes} bytes given, shape {list(shape)} of {datatype} "
+                    f"needs {count * itemsize}"
+                )
+            if spec.max_batch_size > 0:
+                if rows is None:
+                    rows = shape[0]
+                elif shape[0] != rows:
+                    raise InvalidArgument("inputs disagree on the batch size (first dimension)")
+            ordered.append((code, item, shape, nbytes))
+        if spec.max_batch_size > 0 and rows is not None and not 1 <= rows <= spec.max_batch_size:
+            raise InvalidArgument(
+                f"batch size {rows} is outside 1..{spec.max_batch_size} (max_batch_size of {spec.name!r})"
+            )
+        return ordered
+
+    def _reorder(self, inputs: Sequence[InferInput]) -> list[InferInput]:
+        """``inputs`` in the model's order; InvalidArgument for one missing, unknown or given twice."""
+        by_name: dict[str, InferInput] = {}
+        for item in inputs:
+            if item.name in by_name:
+                raise InvalidArgument(f"input {item.name!r} given twice")
+            by_name[item.name] = item
+        items = []
+        for name in self.names:
+            found = by_name.pop(name, None)
+            if found is None:
+                raise InvalidArgument(f"model {self.spec.name!r} needs input {name!r}")
+            items.append(found)
+        if by_name:
+            raise InvalidArgument(f"model {self.spec.name!r} has no input {next(iter(by_name))!r}")
+        return items
+
+
 def validate_inputs(
     spec: ModelSpec, inputs: Sequence[InferInput]
-) -> list[tuple[int, InferInput, tuple[int, ...]]]:
+) -> list[tuple[int, InferInput, tuple[int, ...], int]]:
     """Check a request's inputs against the model and put them in the model's order.
 
     Args:
@@ -31,62 +116,13 @@ def validate_inputs(
         inputs: the request's tensors, in any order.
 
     Returns:
-        One ``(dtype code, input, shape)`` per model input, in the order of ``spec.inputs``.
+        One ``(dtype code, input, shape, byte count)`` per model input, in the order of ``spec.inputs``.
 
     Raises:
         InvalidArgument: an input is missing, unknown, given twice, or its datatype, shape, byte count
             or batch size does not fit the model.
     """
-    by_name: dict[str, InferInput] = {}
-    for item in inputs:
-        if item.name in by_name:
-            raise InvalidArgument(f"input {item.name!r} given twice")
-        by_name[item.name] = item
-    ordered = []
-    rows = None
-    for tspec in spec.inputs:
-        found = by_name.pop(tspec.name, None)
-        if found is None:
-            raise InvalidArgument(f"model {spec.name!r} needs input {tspec.name!r}")
-        item = found
-        if item.datatype != tspec.datatype:
-            raise InvalidArgument(
-                f"input {tspec.name!r}: datatype {item.datatype} does not match the model's {tspec.datatype}"
-            )
-        shape = tuple(int(d) for d in item.shape)
-        want = spec.full_shape(tspec)
-        if len(shape) != len(want) or len(shape) > MAX_RANK:
-            raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}")
-        count = 1
-        for d, w in zip(shape, want, strict=True):
-            if d < 0:
-                raise InvalidArgument(f"input {tspec.name!r}: negative dimension in shape {list(shape)}")
-            if w != -1 and d != w:
-                raise InvalidArgument(
-                    f"input {tspec.name!r}: shape {list(shape)} does not match {list(want)}"
-                )
-            count *= d
-            if count > MAX_ELEMENTS:
-                raise InvalidArgument(f"input {tspec.name!r}: shape {list(shape)} is too large")
-        nbytes = buffer_nbytes(item.data)
-        if nbytes != count * numpy_dtype(tspec.datatype).itemsize:
-            raise InvalidArgument(
-                f"input {tspec.name!r}: {nbytes} bytes given, shape {list(shape)} of {tspec.datatype} "
-                f"needs {count * numpy_dtype(tspec.datatype).itemsize}"
-            )
-        if spec.max_batch_size > 0:
-            if rows is None:
-                rows = shape[0]
-            elif shape[0] != rows:
-                raise InvalidArgument("inputs disagree on the batch size (first dimension)")
-        ordered.append((DTYPE_CODES[tspec.datatype], item, shape))
-    if by_name:
-        raise InvalidArgument(f"model {spec.name!r} has no input {next(iter(by_name))!r}")
-    if spec.max_batch_size > 0 and rows is not None and not 1 <= rows <= spec.max_batch_size:
-        raise InvalidArgument(
-            f"batch size {rows} is outside 1..{spec.max_batch_size} (max_batch_size of {spec.name!r})"
-        )
-    return ordered
+    return InputChecks(spec).check(inputs)
 
 
 def output_mask(spec: ModelSpec, outputs: Sequence[str] | None) -> int:
