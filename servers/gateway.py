@@ -255,6 +255,24 @@ class ShmGateway:
     ) -> asyncio.Future[ShmResult]:
         return self._submit(model, inputs, outputs, deadline_ns)[1]
 
+    def admit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> tuple[int, asyncio.Future[ShmResult]]:
+        return self._submit(model, inputs, outputs, deadline_ns)
+
+    def abandon(self, ticket: int) -> None:
+        entry = self._pending.get(ticket)
+        if entry is None:
+            return  # already answered (or failed)
+        if not entry.future.done():
+            entry.future.cancel()  # its result, when one comes, is released by _take_responses
+        self._cancel_at_worker(ticket)
+
     def _submit(
         self,
         model: str,

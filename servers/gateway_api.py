@@ -102,6 +102,24 @@ class Gateway(Protocol):
         result, if one comes, is released by the gateway."""
         ...
 
+    def admit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> tuple[int, asyncio.Future[Any]]:
+        """`submit`, also returning the request's ticket, for `abandon` (the gRPC front-end's
+        ModelInfer, which answers from a done callback but must be able to cancel)."""
+        ...
+
+    def abandon(self, ticket: int) -> None:
+        """The caller gave up on request ``ticket`` (from `admit`): its future is cancelled, the
+        worker drops the request if it has not run it yet, and a result that comes anyway is
+        released. Nothing happens for a request already answered."""
+        ...
+
     def statistics(self, model: str | None = None) -> list[dict[str, Any]]:
         """KServe-style statistics per model: name, version, inference_count, execution_count,
         success/fail counts and durations (ns), and batch-size counts."""

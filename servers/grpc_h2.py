@@ -4,8 +4,9 @@ Why: grpc.aio hands every call between grpc core's threads and the asyncio loop 
 its event-engine threads, a socket to wake the loop): on a 2-core VM that is ~16 context switches and
 ~200 µs of kernel time per unary call, more than the engine's whole request path. Here one
 `asyncio.Protocol` per connection parses frames (`servers.http2`) where the bytes arrive, runs each call's
-handler as a task on the same loop, and writes every response finished in one loop iteration with one
-``write``, which also saves the client a wake-up per response.
+handler as a task on the same loop (or, for a unary method with a `Starter`, starts its work at once
+and answers from a done callback: no task), and writes every response finished in one loop iteration
+with one ``write``, which also saves the client a wake-up per response.
 
 It serves the same method table as the grpc.aio server (`servers.grpc_handlers.method_table`:
 `grpc.RpcMethodHandler` objects with their (de)serializers) and gives handlers the part of
@@ -29,8 +30,8 @@ import contextlib
 import logging
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol, cast
 
 import grpc
 
@@ -66,6 +67,33 @@ WRITE_BUFFER_HIGH = 4 << 20
 #: a response message this large is not copied on its way out: its gRPC prefix goes in a DATA frame
 #: of its own and the frames are written with one vectored write instead of joined first
 VECTORED_MIN_BYTES = 64 << 10
+
+
+class Flight(Protocol):
+    """A unary call answered without a task (`H2GrpcServer`'s ``starters``): its work was started
+    when its request was complete, and it is answered from ``future``'s done callback. A task per
+    call (its creation, its steps, the coroutines it awaits through) costs more than the rest of a
+    small call's dispatch."""
+
+    #: done when the answer can be built
+    future: asyncio.Future[Any]
+
+    def finish(self) -> Any:
+        """The response message (``future`` is done); raises `Abort` for an error status."""
+        ...
+
+    def cancel(self) -> None:
+        """The call ended before ``future`` was done (reset, deadline, stop): stop the work. The
+        future's done callback follows, and with it `discard`."""
+        ...
+
+    def discard(self) -> None:
+        """The call ended without an answer: give back what the answer holds (``future`` is done)."""
+        ...
+
+
+#: ``(request, deadline in time.monotonic() seconds or None) -> Flight``: raises `Abort` to refuse
+Starter = Callable[[Any, float | None], Flight]
 
 
 class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
@@ -273,7 +301,52 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         elif len(call.messages) != 1:
             self._finish(call, grpc.StatusCode.UNIMPLEMENTED, "a unary call needs exactly one message")
         else:
-            call.task = self.loop.create_task(self._run(call))
+            start = self.server.starters.get(call.path)
+            if start is None:
+                call.task = self.loop.create_task(self._run(call))
+            else:
+                self._start(call, start)
+
+    def _start(self, call: Call, start: Starter) -> None:
+        try:
+            flight = start(self._deserialize(call, call.messages.popleft()), call.deadline)
+        except Abort as abort:
+            self._finish(call, abort.code, abort.details)
+            return
+        except Exception as exc:
+            log.exception("grpc h2: %s failed", call.path)
+            self._finish(call, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return
+        call.flight = flight
+        flight.future.add_done_callback(lambda _: self._landed(call))
+
+    def _landed(self, call: Call) -> None:
+        """A flight's future is done: answer its call, or give the answer back if the call ended."""
+        flight = call.flight
+        assert flight is not None
+        if call.done:
+            flight.discard()
+            return
+        try:
+            message = flight.finish()
+        except Abort as abort:
+            self._finish(call, abort.code, abort.details)
+            return
+        except asyncio.CancelledError:
+            self._finish(call, grpc.StatusCode.CANCELLED, "cancelled")
+            return
+        except Exception as exc:
+            log.exception("grpc h2: %s failed", call.path)
+            self._finish(call, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            return
+        try:
+            self._queue_response(call, message)
+        except Abort as abort:
+            self._finish(call, abort.code, abort.details)
+            return
+        except asyncio.CancelledError:
+            return  # the stream closed under us: the call was dropped
+        self._finish(call, grpc.StatusCode.OK, "")
 
     def _wake_reader(self, call: Call) -> None:
         waiter = call.waiter
@@ -347,8 +420,16 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             await result
 
     async def send_message(self, call: Call, message: Any) -> None:
+        """Queue one response message (`_queue_response`); wait while the peer's window holds it back."""
+        self._queue_response(call, message)
+        if call.pending:
+            call.drained = self.loop.create_future()
+            await call.drained
+
+    def _queue_response(self, call: Call, message: Any) -> None:
         """Queue one response message (serialized unless it is wire bytes already, or a
-        `ViewedMessage`, whose pieces are written as they are and released once sent)."""
+        `ViewedMessage`, whose pieces are written as they are and released once sent). Raises
+        `Abort` for one over the size limit, CancelledError when the call is gone."""
         if isinstance(message, ViewedMessage):
             try:
                 self._start_message(call, message.nbytes)
@@ -359,9 +440,6 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         else:
             self._queue_message(call, message)
         self._schedule_flush()
-        if call.pending:
-            call.drained = self.loop.create_future()
-            await call.drained
 
     def _queue_message(self, call: Call, message: Any) -> None:
         serialize = call.handler.response_serializer
@@ -510,6 +588,8 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             call.timer = None
         if call.task is not None and not call.task.done() and call.task is not asyncio.current_task():
             call.task.cancel()
+        if call.flight is not None and not call.flight.future.done():
+            call.flight.cancel()
         if not self.server.active and self.server.idle is not None:
             self.server.idle.set()
 
@@ -591,6 +671,8 @@ class H2GrpcServer:
         max_message_bytes: largest message accepted and sent.
         max_inflight: calls held at once; more are refused RESOURCE_EXHAUSTED.
         auth: checks bearer tokens when set (health exempt when ``health_open``).
+        starters: full path -> `Starter` for unary methods answered without a task (their
+            ``handlers`` entry still gives the request's deserializer).
     """
 
     def __init__(
@@ -601,8 +683,10 @@ class H2GrpcServer:
         max_inflight: int,
         auth: BearerAuth | None = None,
         health_open: bool = True,
+        starters: Mapping[str, Starter] | None = None,
     ) -> None:
         self.handlers = dict(handlers)
+        self.starters = dict(starters or {})
         self.max_message_bytes = max_message_bytes
         self.max_inflight = max_inflight
         self.auth = auth

@@ -19,7 +19,7 @@ import grpc.aio
 from servers.grpc_message_buffer import MessageBuffer
 
 if TYPE_CHECKING:
-    from servers.grpc_h2 import Connection
+    from servers.grpc_h2 import Connection, Flight
 
 #: headers that are transport, not metadata, in `H2Context.invocation_metadata`
 _NOT_METADATA = frozenset(
@@ -72,9 +72,9 @@ class Call:
     """One RPC: its stream, handler, request bytes and the state of its answer."""
 
     __slots__ = (
-        "buf", "code", "deadline", "details", "done", "drained", "encoding", "handler", "headers",
-        "headers_sent", "messages", "path", "pending", "releases", "request_closed", "sid", "task",
-        "timer", "trailers", "unacked", "waiter",
+        "buf", "code", "deadline", "details", "done", "drained", "encoding", "flight", "handler",
+        "headers", "headers_sent", "messages", "path", "pending", "releases", "request_closed", "sid",
+        "task", "timer", "trailers", "unacked", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -97,6 +97,8 @@ class Call:
         self.unacked = 0
         self.request_closed = False
         self.task: asyncio.Task[None] | None = None
+        #: the work of a call answered without a task (`servers.grpc_h2.Flight`)
+        self.flight: Flight | None = None
         self.headers_sent = False
         self.pending: deque[memoryview] = deque()
         #: releases of the results its response views (`servers.grpc_messages.ViewedMessage`)

@@ -35,15 +35,19 @@ from typing import Any, NoReturn, cast
 
 import grpc
 
+from engine import logs
 from engine.errors import EngineError, InternalError, NotFound
 from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_health
-from servers.gateway_api import FrontendSettings, Gateway
+from servers.gateway_api import FrontendSettings, Gateway, InferResult
+from servers.grpc_h2 import Flight
+from servers.grpc_h2_call import Abort
 from servers.grpc_handlers import BearerAuth, Malformed, generic_handlers, method_table, refuse
 from servers.grpc_infer_wire import InferRequestViews
 from servers.grpc_messages import (
     ModelCache,
+    ModelEntry,
     ViewedMessage,
     index_response,
     infer_response_pieces,
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 SERVER_NAME = "shm-inference-engine"
 #: Triton extensions this server implements (ServerMetadata.extensions).
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+#: ModelInfer's full path: answered without a task on the h2 transport (`InferenceServicer.start_model_infer`)
+MODEL_INFER_PATH = "/inference.GRPCInferenceService/ModelInfer"
 #: Seconds in-flight RPCs get to finish once `stop` is set; then they are cancelled.
 GRACE_S = 2.0
 #: Requests of one stream being computed or awaiting their write. Past this the stream stops reading,
@@ -97,6 +103,71 @@ def _deadline_ns(context: grpc.aio.ServicerContext) -> int | None:
     if remaining is None:
         return None
     return time.monotonic_ns() + int(remaining * 1e9)
+
+
+def _response(
+    entry: ModelEntry, request_id: str, result: InferResult, *, stream: bool, views: bool
+) -> bytes | ViewedMessage:
+    """The response to one request from its result: wire bytes (the result released), or with
+    ``views`` and outputs of at least `VIEWED_MIN_BYTES`, a `ViewedMessage` whose release is the
+    result's. The result is released when this raises."""
+    try:
+        pieces, data_bytes = infer_response_pieces(entry, request_id, result.outputs, stream=stream)
+        if views and data_bytes >= VIEWED_MIN_BYTES:
+            return ViewedMessage(pieces, pieces_nbytes(pieces, data_bytes), result.release)
+        response = b"".join(pieces)
+    except BaseException:
+        result.release()
+        raise
+    result.release()
+    return response
+
+
+class _ModelInferFlight:
+    """One ModelInfer answered without a task (`InferenceServicer.start_model_infer`)."""
+
+    __slots__ = ("_entry", "_name", "_request_id", "_servicer", "_started", "_ticket", "future")
+
+    def __init__(
+        self,
+        servicer: InferenceServicer,
+        name: str,
+        request_id: str,
+        entry: ModelEntry,
+        started: float,
+        ticket: int,
+        future: asyncio.Future[Any],
+    ) -> None:
+        self._servicer = servicer
+        self._name = name
+        self._request_id = request_id
+        self._entry = entry
+        self._started = started
+        self._ticket = ticket
+        self.future = future
+
+    def finish(self) -> bytes | ViewedMessage:
+        observer = self._servicer._observer
+        future = self.future
+        if future.cancelled():
+            observer.end(self._name, self._started, asyncio.CancelledError())
+            raise asyncio.CancelledError()
+        try:
+            response = _response(self._entry, self._request_id, future.result(), stream=False, views=True)
+        except Exception as exc:
+            observer.end(self._name, self._started, exc)
+            raise self._servicer._abort(exc) from None
+        observer.end(self._name, self._started)
+        return response
+
+    def cancel(self) -> None:
+        self._servicer._gateway.abandon(self._ticket)
+
+    def discard(self) -> None:
+        future = self.future
+        if not future.cancelled() and future.exception() is None:
+            future.result().release()  # answered as the call ended: nobody will send it
+        self._servicer._observer.end(self._name, self._started, asyncio.CancelledError())
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -223,23 +294,48 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 deadline_ns=deadline_ns,
                 request_id=request_id,
             )
-            response: bytes | ViewedMessage
-            try:
-                pieces, data_bytes = infer_response_pieces(entry, request_id, result.outputs, stream=stream)
-                if views and data_bytes >= VIEWED_MIN_BYTES:
-                    response = ViewedMessage(pieces, pieces_nbytes(pieces, data_bytes), result.release)
-                else:
-                    response = b"".join(pieces)
-            except BaseException:
-                result.release()
-                raise
-            if type(response) is bytes:
-                result.release()
+            response = _response(entry, request_id, result, stream=stream, views=views)
         except BaseException as exc:
             observer.end(name, started, exc)
             raise
         observer.end(name, started)
         return response
+
+    def start_model_infer(self, request: InferRequestViews | Malformed, deadline_s: float | None) -> Flight:
+        """ModelInfer without a task, for the h2 transport (`servers.grpc_h2.Starter`): the request
+        is admitted now and answered when its gateway future is done. The same answers, statuses
+        and metrics as `ModelInfer`; refusals raise `Abort`."""
+        if isinstance(request, Malformed):
+            raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {request.reason}")
+        name = request.model_name
+        request_id = request.id
+        observer = self._observer
+        # set even when empty: with no task per call, the request id of the last call must not
+        # stay in the context (the done callback runs in a copy of it) and name this call's logs
+        logs.request_id.set(request_id)
+        started = observer.begin(name, request_id)
+        try:
+            entry = self._models.get(name, request.model_version)
+            wanted = request.outputs
+            ticket, future = self._gateway.admit(
+                name,
+                request_inputs(request),
+                outputs=[o.name for o in wanted] if wanted else None,
+                deadline_ns=None if deadline_s is None else int(deadline_s * 1e9),
+            )
+        except Exception as exc:
+            observer.end(name, started, exc)
+            raise self._abort(exc) from None
+        return _ModelInferFlight(self, name, request_id, entry, started, ticket, future)
+
+    def _abort(self, exc: BaseException) -> Abort:
+        """The status `_fail` would answer for ``exc``, as an `Abort` (logged as `_fail` logs it)."""
+        if isinstance(exc, EngineError):
+            if isinstance(exc, InternalError):
+                log.error("%s: %s", self._prefix, exc.message)
+            return Abort(getattr(grpc.StatusCode, exc.grpc_code), exc.public_message())
+        log.error("%s: unexpected error", self._prefix, exc_info=exc)
+        return Abort(grpc.StatusCode.INTERNAL, "internal error")
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest | Malformed, context: grpc.aio.ServicerContext
@@ -410,8 +506,10 @@ async def _start_grpcio(gateway: Gateway, settings: FrontendSettings, prefix: st
 async def _start_h2(gateway: Gateway, settings: FrontendSettings, prefix: str) -> Started:
     from servers.grpc_h2 import H2GrpcServer
 
+    servicer = InferenceServicer(gateway, prefix)
     server = H2GrpcServer(
-        method_table(InferenceServicer(gateway, prefix), grpc_health.HealthServicer(gateway)),
+        method_table(servicer, grpc_health.HealthServicer(gateway)),
+        starters={MODEL_INFER_PATH: servicer.start_model_infer},
         max_message_bytes=settings.max_message_bytes,
         max_inflight=settings.max_inflight,
         auth=BearerAuth(settings.auth_tokens, settings.auth_health_open) if settings.auth_tokens else None,

@@ -100,6 +100,9 @@ class FakeGateway:
         self.ready = True
         self.calls: dict[str, int] = {name: 0 for name in SPECS}
         self.failures: dict[str, int] = {name: 0 for name in SPECS}
+        #: futures of requests `admit` took and that are not done, by ticket
+        self.admitted: dict[int, asyncio.Future[FakeResult]] = {}
+        self._tickets = 0
 
     def model_names(self) -> list[str]:
         return list(SPECS)
@@ -133,6 +136,26 @@ class FakeGateway:
     ) -> asyncio.Future[FakeResult]:
         # through infer, so that subclasses overriding it (gates, failures) shape both paths
         return asyncio.ensure_future(self.infer(model, inputs, outputs=outputs, deadline_ns=deadline_ns))
+
+    def admit(
+        self,
+        model: str,
+        inputs: Sequence[InferInput],
+        *,
+        outputs: Sequence[str] | None = None,
+        deadline_ns: int | None = None,
+    ) -> tuple[int, asyncio.Future[FakeResult]]:
+        future = self.submit(model, inputs, outputs=outputs, deadline_ns=deadline_ns)
+        self._tickets += 1
+        ticket = self._tickets
+        self.admitted[ticket] = future
+        future.add_done_callback(lambda _: self.admitted.pop(ticket, None))
+        return ticket, future
+
+    def abandon(self, ticket: int) -> None:
+        future = self.admitted.pop(ticket, None)
+        if future is not None:
+            future.cancel()  # the task computing it is cancelled, as the engine's worker is told
 
     async def infer(
         self,

@@ -384,6 +384,29 @@ def test_a_cancelled_submit_has_its_result_given_back_when_it_comes(shared_engin
     assert 3.0 in shared_engine.repo.computed("slow")
 
 
+def test_an_abandoned_request_is_dropped_by_the_worker(shared_engine: Any) -> None:
+    # gRPC's ModelInfer on h2 admits without a task and abandons what its client cancels: the
+    # worker must drop a request it has not run yet, as it does for a cancelled `infer`
+    gw = shared_engine.gateway
+
+    async def scenario() -> None:
+        busy = gw.submit("slow", inputs_of({"INPUT0": np.full((4,), 11.0, np.float32)}))
+        ticket, future = gw.admit("slow", inputs_of({"INPUT0": np.full((4,), 12.0, np.float32)}))
+        gw.abandon(ticket)
+        assert future.cancelled()
+        gw.abandon(ticket)  # again: nothing more happens
+        with await busy as result:
+            assert np.array(result.outputs["OUTPUT0"]).tolist() == [11.0] * 4
+        deadline = time.monotonic() + 30
+        while gw._pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert not gw._pending
+
+    shared_engine.run(scenario())
+    computed = shared_engine.repo.computed("slow")
+    assert 11.0 in computed and 12.0 not in computed
+
+
 def test_an_infer_cancelled_as_its_answer_arrives_gives_the_result_back(shared_engine: Any) -> None:
     # The answer is set on the request's future and the awaiting task is cancelled in the same
     # loop iteration, before the task resumes (a client hanging up as its answer comes): the task

@@ -15,7 +15,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
@@ -34,7 +34,10 @@ from protos import grpc_service_pb2 as pb
 from protos import grpc_service_pb2_grpc as pb_grpc
 from servers import grpc_handlers, grpc_server
 from servers.gateway_api import FrontendSettings, InferInput
+from servers.grpc_h2_call import Abort
+from servers.grpc_handlers import Malformed
 from servers.grpc_health import HealthServicer
+from servers.grpc_infer_wire import parse_infer_request
 from servers.grpc_messages import (
     TENSOR_FIELDS_MAX,
     ModelCache,
@@ -825,6 +828,108 @@ def test_cancelled_stream_cancels_its_requests() -> None:
         assert all_waiting.wait(TIMEOUT_S)
         call.cancel()
         assert all_cancelled.wait(TIMEOUT_S)
+
+
+class Unanswered(FakeGateway):
+    """Requests that are never answered; counts those waiting and those cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+        self.cancelled = 0
+
+    async def infer(self, *args: Any, **kwargs: Any) -> FakeResult:
+        self.waiting += 1
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+def wait_for(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_cancelled_infer_is_abandoned_at_the_gateway() -> None:
+    # the work of a call the client cancels is stopped (the engine's worker drops the request)
+    gateway = Unanswered()
+    with running(gateway) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        calls = [
+            stub.ModelInfer.future(typed_request("identity", "FP32", [1, 1], fp32_contents=[i]))
+            for i in range(5)
+        ]
+        assert wait_for(lambda: gateway.waiting == 5)
+        for call in calls:
+            call.cancel()
+        assert wait_for(lambda: gateway.cancelled == 5)
+        assert wait_for(lambda: not gateway.admitted)
+        # the server goes on answering
+        gateway.infer = FakeGateway.infer.__get__(gateway)  # type: ignore[method-assign]
+        answer = stub.ModelInfer(typed_request("identity", "FP32", [1, 1], fp32_contents=[7.0]))
+        assert np.frombuffer(answer.raw_output_contents[0], np.float32).tolist() == [7.0]
+
+
+def test_an_infer_past_its_deadline_is_abandoned_at_the_gateway() -> None:
+    gateway = Unanswered()
+    with running(gateway) as srv, grpc.insecure_channel(srv.url) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(typed_request("identity", "FP32", [1, 1], fp32_contents=[1]), timeout=0.2)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert wait_for(lambda: gateway.cancelled == 1)
+
+
+def test_infer_flight_releases_an_answer_nobody_sends() -> None:
+    # h2's ModelInfer without a task: a call that ended (reset, deadline) just as its answer came
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        servicer = grpc_server.InferenceServicer(FakeGateway())
+        request = typed_request("identity", "FP32", [1, 2], fp32_contents=[1, 2])
+        flight = servicer.start_model_infer(parse_infer_request(request.SerializeToString()), None)
+        result = await flight.future
+        flight.discard()
+        assert result.released
+        # a call that ended before its answer came: cancelled, then discarded once the future is done
+        flight = servicer.start_model_infer(parse_infer_request(request.SerializeToString()), None)
+        flight.cancel()
+        done = loop.create_future()
+        flight.future.add_done_callback(done.set_result)
+        await done
+        assert flight.future.cancelled()
+        with pytest.raises(asyncio.CancelledError):
+            flight.finish()
+        flight.discard()
+
+    uvloop.run(main())
+
+
+def test_infer_flight_refusals_are_statuses() -> None:
+    async def main() -> None:
+        servicer = grpc_server.InferenceServicer(FakeGateway())
+        with pytest.raises(Abort) as info:
+            servicer.start_model_infer(Malformed("truncated"), None)
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        unknown = typed_request("nope", "FP32", [1, 1], fp32_contents=[1])
+        with pytest.raises(Abort) as info:
+            servicer.start_model_infer(parse_infer_request(unknown.SerializeToString()), None)
+        assert info.value.code is grpc.StatusCode.NOT_FOUND
+        wrong = typed_request("identity", "INT32", [1, 1], int_contents=[1])
+        flight = servicer.start_model_infer(parse_infer_request(wrong.SerializeToString()), None)
+        with contextlib.suppress(Exception):
+            await flight.future
+        with pytest.raises(Abort) as info:
+            flight.finish()
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+
+    uvloop.run(main())
 
 
 # --- malformed messages and method registration ----------------------------------------------------------
