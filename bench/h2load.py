@@ -1,11 +1,14 @@
 """gRPC load from ``h2load`` (nghttp2's load generator, in C) instead of the Python client: what the
 servers do when the client costs little CPU.
 
-``python -m bench h2load [--streams 64,500] [--requests N] [--servers engine,echo] [--json F]``: for
-each server (this engine; the bare grpc.aio echo floor of `bench.baselines.echo_grpc`) and each stream
-count, h2load sends N ModelInfer requests of the ``mlp`` payload over one HTTP/2 connection, that many
-in flight, after a warm-up of N/10. Reported: requests/s, request-time percentiles (from h2load's
-per-request log), and the CPU per request of client and server. h2load sees only HTTP
+``python -m bench h2load [--streams 64,500] [--requests N] [--burst B --rounds R] [--servers engine,echo]
+[--json F]``: for each server (this engine; the bare grpc.aio echo floor of `bench.baselines.echo_grpc`)
+and each stream count, h2load sends N ModelInfer requests of the ``mlp`` payload over one HTTP/2
+connection, that many in flight, after a warm-up of N/10; with ``--burst``, also R bursts of B calls
+sent at once, each on a new connection (one h2load run of B requests, B in flight), after one
+unmeasured burst. Reported: requests/s, request-time percentiles (from h2load's per-request log; for
+bursts, over the requests of every round, with each round's p95 as well), and the CPU per request of
+client and server. h2load sees only HTTP
 statuses, not gRPC's, so the engine's answers are checked by its own counters: the OK count of
 ``engine_requests_total`` must grow by exactly the requests sent (anything else is reported as
 errors). Needs ``h2load`` on PATH (Debian/Ubuntu: ``nghttp2-client``).
@@ -99,18 +102,26 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def percentiles(log: str) -> dict[str, float]:
-    """p50/p95/p99 in ms of the request times in an h2load ``--log-file`` (start µs, status, µs)."""
-    times = [int(line.split("\t")[2]) for line in log.splitlines() if line.count("\t") >= 2]
+def request_times(log: str) -> list[float]:
+    """The request times in ms of an h2load ``--log-file`` (start µs, status, µs per line)."""
+    return [int(line.split("\t")[2]) / 1e3 for line in log.splitlines() if line.count("\t") >= 2]
+
+
+def _percentiles(times: list[float]) -> dict[str, float]:
     if not times:
         return {}
-    values = np.percentile(np.array(times, dtype=np.float64) / 1e3, [50, 95, 99])
+    values = np.percentile(np.array(times, dtype=np.float64), [50, 95, 99])
     return {"p50_ms": float(values[0]), "p95_ms": float(values[1]), "p99_ms": float(values[2])}
 
 
+def percentiles(log: str) -> dict[str, float]:
+    """p50/p95/p99 in ms of the request times in an h2load ``--log-file`` (start µs, status, µs)."""
+    return _percentiles(request_times(log))
+
+
 def _h2load(url: str, streams: int, requests: int, body: Path) -> tuple[dict[str, Any], float]:
-    """One h2load run; its report's figures (with percentiles from its per-request log) and the CPU
-    seconds h2load used."""
+    """One h2load run; its report's figures (with percentiles from its per-request log, and the
+    times themselves under ``times_ms``) and the CPU seconds h2load used."""
     log = body.with_suffix(".log")
     log.unlink(missing_ok=True)  # h2load appends to it
     argv = [
@@ -123,7 +134,8 @@ def _h2load(url: str, streams: int, requests: int, body: Path) -> tuple[dict[str
     if done.returncode != 0:
         raise RuntimeError(f"h2load failed ({done.returncode}): {done.stderr.strip()[-500:]}")
     figures = parse_h2load(done.stdout)
-    figures.update(percentiles(log.read_text() if log.exists() else ""))
+    times = request_times(log.read_text() if log.exists() else "")
+    figures.update(_percentiles(times), times_ms=times)
     return figures, cpu
 
 
@@ -158,7 +170,56 @@ def measure(server: str, endpoints: Endpoints, streams: int, requests: int, body
     server_cpu = _server_cpu(endpoints.pid)
     result, client_cpu = _h2load(url, streams, requests, body)
     server_cpu = _server_cpu(endpoints.pid) - server_cpu
+    del result["times_ms"]
     result.update(server=server, streams=streams)
+    _account(result, server, endpoints, counts, client_cpu, server_cpu)
+    return result
+
+
+def measure_burst(server: str, endpoints: Endpoints, size: int, rounds: int, body: Path) -> dict[str, Any]:
+    """One unmeasured burst, then ``rounds`` bursts of ``size`` calls sent at once (each one h2load
+    run on a new connection), their answers checked (engine): one row, percentiles over every
+    request of every round, each round's p95 under ``round_p95_ms``."""
+    url = f"http://{endpoints.host}:{endpoints.ports['grpc']}{MODEL_INFER}"
+    _h2load(url, size, size, body)
+    counts = _settled_metrics(endpoints) if server == "engine" else {}
+    server_cpu = _server_cpu(endpoints.pid)
+    client_cpu = 0.0
+    runs = []
+    for _ in range(rounds):
+        figures, cpu = _h2load(url, size, size, body)
+        client_cpu += cpu
+        runs.append(figures)
+    server_cpu = _server_cpu(endpoints.pid) - server_cpu
+    times = [t for r in runs for t in r["times_ms"]]
+    result: dict[str, Any] = {
+        "server": server,
+        "streams": size,
+        "burst": size,
+        "rounds": rounds,
+        "duration_s": sum(r["duration_s"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+        "done": sum(r["done"] for r in runs),
+        "succeeded": sum(r["succeeded"] for r in runs),
+        "http_errors": sum(r["http_errors"] for r in runs),
+        "max_ms": max(r["max_ms"] for r in runs),
+        "round_p95_ms": [round(r.get("p95_ms", 0.0), 2) for r in runs],
+        **_percentiles(times),
+    }
+    result["rps"] = result["done"] / result["duration_s"] if result["duration_s"] else 0.0
+    _account(result, server, endpoints, counts, client_cpu, server_cpu)
+    return result
+
+
+def _account(
+    result: dict[str, Any],
+    server: str,
+    endpoints: Endpoints,
+    counts: dict[str, float],
+    client_cpu: float,
+    server_cpu: float,
+) -> None:
+    """CPU per request of both sides, and for the engine what its counters say it answered."""
     answered = max(result["done"], 1)
     result["client_us_per_request"] = round(client_cpu / answered * 1e6, 1)
     result["server_us_per_request"] = round(server_cpu / answered * 1e6, 1)
@@ -167,7 +228,6 @@ def measure(server: str, endpoints: Endpoints, streams: int, requests: int, body
         delta = {code: after.get(code, 0.0) - counts.get(code, 0.0) for code in after}
         result["grpc_ok"] = int(delta.get("OK", 0))
         result["grpc_errors"] = {code: int(n) for code, n in delta.items() if code != "OK" and n}
-    return result
 
 
 def _launch(server: str) -> Any:
@@ -182,15 +242,20 @@ def available() -> bool:
     return shutil.which("h2load") is not None
 
 
-def run_report(servers: list[str], streams: list[int], requests: int) -> dict[str, Any]:
+def run_report(
+    servers: list[str], streams: list[int], requests: int, burst: int = 0, rounds: int = 5
+) -> dict[str, Any]:
     """`run`, with what the JSON file keeps about it."""
     started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    results = run(servers, streams, requests)
+    results = run(servers, streams, requests, burst, rounds)
     return {"tool": "h2load", "model": "mlp", "time": started, "requests": requests, "results": results}
 
 
-def run(servers: list[str], streams: list[int], requests: int) -> list[dict[str, Any]]:
-    """Every server at every stream count, one server at a time."""
+def run(
+    servers: list[str], streams: list[int], requests: int, burst: int = 0, rounds: int = 5
+) -> list[dict[str, Any]]:
+    """Every server at every stream count (then ``rounds`` bursts of ``burst`` calls when
+    ``burst``), one server at a time."""
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "request.grpc"
@@ -199,6 +264,8 @@ def run(servers: list[str], streams: list[int], requests: int) -> list[dict[str,
             with _launch(server) as endpoints:
                 for m in streams:
                     results.append(measure(server, endpoints, m, requests, body))
+                if burst:
+                    results.append(measure_burst(server, endpoints, burst, rounds, body))
     return results
 
 
@@ -214,8 +281,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
             checked = f"{r['grpc_ok']} OK, {bad} errors {r['grpc_errors'] or ''}".strip()
         else:
             checked = f"HTTP only: {r['succeeded']} 2xx, {r['http_errors']} errors"
+        streams = f"{r['rounds']} bursts of {r['burst']}" if r.get("burst") else str(r["streams"])
         lines.append(
-            f"| {r['server']} | {r['streams']} | {r['rps']:,.0f} | {r.get('p50_ms', 0):.2f} | "
+            f"| {r['server']} | {streams} | {r['rps']:,.0f} | {r.get('p50_ms', 0):.2f} | "
             f"{r.get('p95_ms', 0):.2f} | {r.get('p99_ms', 0):.2f} | "
             f"{r['max_ms']:.1f} | {r['client_us_per_request']:.0f} | {r['server_us_per_request']:.0f} | "
             f"{checked} |"
@@ -230,6 +298,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--requests", type=int, default=40_000, help="measured requests per run (default 40000)"
     )
+    parser.add_argument(
+        "--burst", type=int, default=0, help="also bursts of this many calls at once (default none)"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="bursts measured (default 5)")
     parser.add_argument("--servers", default=",".join(SERVERS), help="engine and/or echo (default both)")
     parser.add_argument("--json", type=Path, help="write the results here")
 
@@ -244,7 +316,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"--servers: choose from {', '.join(SERVERS)}", file=sys.stderr)
         return 2
     streams = [int(m) for m in args.streams.split(",") if m]
-    report = run_report(servers, streams, args.requests)
+    report = run_report(servers, streams, args.requests, args.burst, args.rounds)
     results = report["results"]
     print(format_table(results))
     if args.json is not None:

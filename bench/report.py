@@ -151,8 +151,8 @@ def run_all(
     from bench import h2load
 
     if h2load.available():
-        streams, requests = ([8], 300) if quick else ([64, 500], 40_000)
-        h2load_report = h2load.run_report(["engine", "echo"], streams, requests)
+        streams, requests, burst = ([8], 300, 20) if quick else ([64, 500], 40_000, 500)
+        h2load_report = h2load.run_report(["engine", "echo"], streams, requests, burst, rounds=5)
         write_json(h2load_report, results_dir / "h2load.json")
         print(h2load.format_table(h2load_report["results"]), flush=True)
     else:

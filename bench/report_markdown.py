@@ -124,7 +124,16 @@ def targets_table(results_dir: Path) -> str:
         )
     h2load = read_result(results_dir / "h2load.json")
     for r in h2load["results"] if h2load else ():
-        if r["server"] == "engine" and r["streams"] in (64, 500):
+        if r["server"] == "engine" and r.get("burst") == 500:
+            add(
+                "gRPC 500-call burst with a C client (h2load)",
+                "p95 < 50 ms, 0 errors",
+                f"p95 {_f(r.get('p95_ms'))} ms over {r['rounds']} bursts (each: "
+                f"{' / '.join(f'{p:.0f}' for p in r['round_p95_ms'])} ms), "
+                f"{r['grpc_ok']} OK of {r['requests']}",
+                (r.get("p95_ms") or 50.0) < 50.0 and r["grpc_ok"] == r["requests"],
+            )
+        elif r["server"] == "engine" and r["streams"] in (64, 500) and not r.get("burst"):
             latency_key, goal = ("p99_ms", 35.0) if r["streams"] == 64 else ("p95_ms", 100.0)
             add(
                 f"gRPC c={r['streams']} with a C client (h2load)",
@@ -250,8 +259,9 @@ def generated_blocks(results_dir: Path, image_prefix: str) -> dict[str, str]:
         from bench.h2load import format_table as h2load_table
 
         blocks["h2load"] = (
-            f"h2load, {h2load['requests']} requests per row after a warm-up, one HTTP/2 connection, "
-            f"measured {h2load['time']}\n\n{h2load_table(h2load['results'])}"
+            f"h2load, {h2load['requests']} requests per row after a warm-up, one HTTP/2 connection "
+            "(bursts: each round one h2load run on a new connection, every call sent at once, after "
+            f"one unmeasured burst), measured {h2load['time']}\n\n{h2load_table(h2load['results'])}"
         )
     blocks["plots"] = (
         f"![latency by percentile at concurrency 64]({image_prefix}latency-cdf.png)\n\n"

@@ -101,3 +101,20 @@ def test_the_report_shows_the_h2load_table_and_its_targets(tmp_path: Path) -> No
     assert "| 6167 req/s, p99 21.40 ms" in targets
     assert "p99 21.40 ms, 3000 OK of 3000 | yes |" in targets
     assert "p95 103.00 ms, 3000 OK of 3000 | no |" in targets  # the latency goal missed
+
+
+def test_a_burst_row_and_its_target(tmp_path: Path) -> None:
+    figures = {**h2load.parse_h2load(REPORT), "p50_ms": 40.0, "p95_ms": 64.5, "p99_ms": 66.0}
+    burst = {**figures, "server": "engine", "streams": 500, "burst": 500, "rounds": 5, "requests": 2500,
+             "rps": 6400.0, "round_p95_ms": [60.2, 71.0, 64.4, 58.0, 66.6], "grpc_ok": 2500,
+             "grpc_errors": {}, "client_us_per_request": 12.0, "server_us_per_request": 300.0}  # fmt: skip
+    report = {"tool": "h2load", "model": "mlp", "time": "2026-11-28T00:10:00+00:00", "requests": 40000}
+    (tmp_path / "h2load.json").write_text(json.dumps({**report, "results": [burst]}))
+    blocks = report_markdown.generated_blocks(tmp_path, "")
+    assert "| engine | 5 bursts of 500 | 6,400 | 40.00 | 64.50 |" in blocks["h2load"]
+    assert (
+        "| gRPC 500-call burst with a C client (h2load) | p95 < 50 ms, 0 errors | p95 64.50 ms over 5 "
+        "bursts (each: 60 / 71 / 64 / 58 / 67 ms), 2500 OK of 2500 | no |"
+    ) in blocks["targets"]
+    # a burst row is not a stream row: no c=500 target from it
+    assert "gRPC c=500 with a C client" not in blocks["targets"]
