@@ -30,6 +30,11 @@ _MAX_INT_BYTES = 4
 _HUFFMAN_CACHE: dict[bytes, bytes] = {}
 _HUFFMAN_CACHE_ENTRIES = 1024
 _HUFFMAN_CACHE_LONGEST = 256
+#: Whole header blocks decoded before, per connection (`Decoder`): a client that sets no deadline
+#: sends the same bytes for every call once its headers are in the dynamic table (tritonclient by
+#: default, h2load). Only blocks that leave the table as it was, short ones, a bounded number.
+_BLOCK_CACHE_ENTRIES = 64
+_BLOCK_CACHE_LONGEST = 1024
 
 
 class HPACKError(Exception):
@@ -94,9 +99,26 @@ class Decoder:
         self._table_limit = max_table_size
         self._table: deque[tuple[bytes, bytes]] = deque()
         self._table_size = 0
+        #: bumped whenever the dynamic table changes: a cached block's indices meant what they mean
+        #: now only if the table is the one it was decoded against
+        self._version = 0
+        self._blocks: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
 
     def decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        """The header list in ``data``, a whole header block. Raises `HPACKError`."""
+        """The header list in ``data``, a whole header block (the same list for the same block
+        while the dynamic table is unchanged: treat it as read-only). Raises `HPACKError`."""
+        cached = self._blocks.get(data)
+        if cached is not None and cached[0] == self._version:
+            return cached[1]
+        version = self._version
+        headers = self._decode(data)
+        if self._version == version and len(data) <= _BLOCK_CACHE_LONGEST:
+            if len(self._blocks) >= _BLOCK_CACHE_ENTRIES:
+                self._blocks.clear()
+            self._blocks[data] = (version, headers)
+        return headers
+
+    def _decode(self, data: bytes) -> list[tuple[bytes, bytes]]:
         headers: list[tuple[bytes, bytes]] = []
         size = 0
         pos = 0
@@ -119,6 +141,7 @@ class Decoder:
                 if limit > self.max_table_size:
                     raise HPACKError(f"table size {limit} over the {self.max_table_size} allowed")
                 self._table_limit = limit
+                self._version += 1
                 self._evict()
                 continue
             else:  # literal not indexed / never indexed
@@ -141,6 +164,7 @@ class Decoder:
         return self._table[dynamic]
 
     def _add(self, header: tuple[bytes, bytes]) -> None:
+        self._version += 1
         self._table.appendleft(header)
         self._table_size += len(header[0]) + len(header[1]) + ENTRY_OVERHEAD
         self._evict()

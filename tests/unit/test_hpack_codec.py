@@ -673,3 +673,56 @@ def test_huffman_strings_decoded_before_come_from_a_bounded_cache(monkeypatch: p
     assert decoder.decode(block) == [path]
     with pytest.raises(hpack_codec.HPACKError):  # an invalid string is refused, cached or not
         decoder.decode(b"\x00\x81\xff\x81\xff")
+
+
+def test_a_block_seen_before_is_decoded_once_while_the_table_is_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a client without deadlines sends the same block every call once its headers are indexed
+    decoder = Decoder()
+    path = (b":path", b"/inference.GRPCInferenceService/ModelInfer")
+    first = decoder.decode(_int(0, 6, 0x40) + _raw_string(b"x-client") + _raw_string(b"tc"))  # indexed
+    assert first == [(b"x-client", b"tc")]
+    block = _indexed(2) + _indexed(62) + _int(4, 4, 0x00) + _raw_string(path[1])
+    expected = [(b":method", b"GET"), (b"x-client", b"tc"), path]
+    calls = 0
+    real = Decoder._decode
+
+    def counting(self: Decoder, data: bytes) -> list[Header]:
+        nonlocal calls
+        calls += 1
+        return real(self, data)
+
+    monkeypatch.setattr(Decoder, "_decode", counting)
+    assert decoder.decode(block) == expected
+    assert decoder.decode(block) is decoder.decode(block)
+    assert calls == 1
+
+
+def test_a_cached_block_follows_the_dynamic_table() -> None:
+    decoder = Decoder()
+    newest = _indexed(62)  # the dynamic table's newest entry, whatever it is now
+    decoder.decode(_int(0, 6, 0x40) + _raw_string(b"x-a") + _raw_string(b"1"))
+    assert decoder.decode(newest) == [(b"x-a", b"1")]
+    assert decoder.decode(newest) == [(b"x-a", b"1")]
+    decoder.decode(_int(0, 6, 0x40) + _raw_string(b"x-b") + _raw_string(b"2"))  # a new entry
+    assert decoder.decode(newest) == [(b"x-b", b"2")]
+    # a block that adds an entry itself is decoded again every time: its second field sees the first
+    adds = _int(0, 6, 0x40) + _raw_string(b"x-c") + _raw_string(b"3") + _indexed(63)
+    assert decoder.decode(adds) == [(b"x-c", b"3"), (b"x-b", b"2")]
+    assert decoder.decode(adds) == [(b"x-c", b"3"), (b"x-c", b"3")]
+    # a size update that empties the table: the index is out of range, cached or not
+    decoder.decode(table_size_update(0))
+    with pytest.raises(HPACKError):
+        decoder.decode(newest)
+
+
+def test_the_block_cache_is_bounded() -> None:
+    decoder = Decoder()
+    for i in range(3 * hpack_codec._BLOCK_CACHE_ENTRIES):
+        block = _int(0, 4, 0x00) + _raw_string(b"x-n") + _raw_string(b"%d" % i)  # not indexed
+        assert decoder.decode(block) == [(b"x-n", b"%d" % i)]
+        assert len(decoder._blocks) <= hpack_codec._BLOCK_CACHE_ENTRIES
+    long = _int(0, 4, 0x00) + _raw_string(b"x-long") + _raw_string(b"v" * hpack_codec._BLOCK_CACHE_LONGEST)
+    decoder.decode(long)
+    assert long not in decoder._blocks
