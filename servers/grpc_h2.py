@@ -310,12 +310,8 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
     def _start(self, call: Call, start: Starter) -> None:
         try:
             flight = start(self._deserialize(call, call.messages.popleft()), call.deadline)
-        except Abort as abort:
-            self._finish(call, abort.code, abort.details)
-            return
         except Exception as exc:
-            log.exception("grpc h2: %s failed", call.path)
-            self._finish(call, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            self._finish(call, *self._failure(call, exc))
             return
         call.flight = flight
         flight.future.add_done_callback(lambda _: self._landed(call))
@@ -328,25 +324,23 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             flight.discard()
             return
         try:
-            message = flight.finish()
-        except Abort as abort:
-            self._finish(call, abort.code, abort.details)
-            return
+            self._queue_response(call, flight.finish())
         except asyncio.CancelledError:
-            self._finish(call, grpc.StatusCode.CANCELLED, "cancelled")
+            # the work was cancelled (not by this call), or the stream closed under us (dropped)
+            if not call.done:
+                self._finish(call, grpc.StatusCode.CANCELLED, "cancelled")
             return
         except Exception as exc:
-            log.exception("grpc h2: %s failed", call.path)
-            self._finish(call, grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}")
+            self._finish(call, *self._failure(call, exc))
             return
-        try:
-            self._queue_response(call, message)
-        except Abort as abort:
-            self._finish(call, abort.code, abort.details)
-            return
-        except asyncio.CancelledError:
-            return  # the stream closed under us: the call was dropped
         self._finish(call, grpc.StatusCode.OK, "")
+
+    def _failure(self, call: Call, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """The status a call ends with when its handler raised ``exc`` (an `Abort` names its own)."""
+        if isinstance(exc, Abort):
+            return exc.code, exc.details
+        log.error("grpc h2: %s failed", call.path, exc_info=exc)
+        return grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
 
     def _wake_reader(self, call: Call) -> None:
         waiter = call.waiter
@@ -401,15 +395,12 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
                 await self.send_message(call, await handler.stream_unary(self._requests(call), context))
             if call.code is not None:
                 code, details = call.code, call.details
-        except Abort as abort:
-            code, details = abort.code, abort.details
         except asyncio.CancelledError:
             if call.done:
                 return  # reset by the client, expired, or the server's stop: already answered
             code, details = grpc.StatusCode.CANCELLED, "cancelled"
         except Exception as exc:
-            log.exception("grpc h2: %s failed", call.path)
-            code, details = grpc.StatusCode.UNKNOWN, f"Unexpected {type(exc).__name__}: {exc}"
+            code, details = self._failure(call, exc)
         self._finish(call, code, details)
 
     async def _stream_out(self, call: Call, context: H2Context, result: Any) -> None:
