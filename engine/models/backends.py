@@ -6,7 +6,8 @@ Backends (``spec.backend``):
 
 - ``torch``: ``source: file.py:factory``. ``factory()`` -- or ``factory(spec)`` when it takes a
   required positional argument -- returns an ``nn.Module``; it is put in eval mode and moved to the
-  device. ``forward`` takes the inputs positionally.
+  device. ``forward`` takes the inputs positionally. With ``prepack_linear`` on a CPU device its
+  ``nn.Linear`` layers are packed for oneDNN (`engine.models.cpu_prepack`).
 - ``torchscript``: ``source: model.pt``, loaded with ``torch.jit.load(file, map_location=device)``.
 - ``python``: ``source: file.py:callable``, called with numpy arrays positionally; CPU only.
 
@@ -193,7 +194,37 @@ def _load_torch(spec: ModelSpec, device: str) -> LoadedModel:
     if not isinstance(module, nn.Module):
         raise ModelError(f"{spec.source} returned {type(module).__name__}, not a torch.nn.Module")
     module.eval()
-    return LoadedModel(spec, device, module.to(device))
+    module = module.to(device)
+    if spec.prepack_linear and torch.device(device).type == "cpu":
+        from engine.models import cpu_prepack
+
+        samples = [_sample_inputs(spec, rows) for rows in _sample_rows(spec)]
+        packed = cpu_prepack.prepack_linear(module, samples)
+        log.info("worker %s: model %s: %d linear layers packed for oneDNN", device, spec.name, packed)
+    return LoadedModel(spec, device, module)
+
+
+def _sample_rows(spec: ModelSpec) -> tuple[int, ...]:
+    # one row takes the layers' unpacked path; the others, the packed one
+    if spec.max_batch_size == 0:
+        return (0,)
+    return tuple(sorted({1, min(3, spec.max_batch_size), min(17, spec.max_batch_size)}))
+
+
+def _sample_inputs(spec: ModelSpec, rows: int) -> list[torch.Tensor]:
+    """Fixed-seed inputs for ``spec`` with ``rows`` rows (ignored when it does not batch): random
+    floats, zeros for other types (an index must stay in range), -1 dims as 3."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for t in spec.inputs:
+        dims = tuple(3 if d == -1 else d for d in t.shape)
+        shape = (rows, *dims) if spec.max_batch_size > 0 else dims
+        dtype = torch_dtype(t.datatype)
+        if dtype.is_floating_point:
+            tensors.append(torch.randn(shape, generator=generator).to(dtype))
+        else:
+            tensors.append(torch.zeros(shape, dtype=dtype))
+    return tensors
 
 
 def _load_torchscript(spec: ModelSpec, device: str) -> LoadedModel:

@@ -14,6 +14,7 @@ Layout and schema (unknown keys are errors)::
         devices: [cpu]           # optional; default every worker
         num_threads: 0           # optional
         allow_nan: true          # optional
+        prepack_linear: false    # optional, torch backend: nn.Linear weights packed once for oneDNN on CPU
 
 A model that fails to load is reported in `Repository.errors` with the reason; the others still load.
 Pure Python (yaml + numpy, no torch): the supervisor and front-ends read specs without loading models.
@@ -41,7 +42,7 @@ BACKENDS = ("torchscript", "torch", "python")
 DEFAULT_SOURCE = {"torchscript": "model.pt", "torch": "model.py:build", "python": "model.py:build"}
 _KEYS = frozenset(
     {"name", "backend", "source", "version", "max_batch_size", "dynamic_batching", "inputs", "outputs"}
-    | {"devices", "num_threads", "allow_nan"}
+    | {"devices", "num_threads", "allow_nan", "prepack_linear"}
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_us", "preferred_batch_sizes"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape"})
@@ -149,6 +150,11 @@ def _parse_spec(model: str, folder: Path, data: Mapping[Any, Any]) -> ModelSpec:
     allow_nan = data.get("allow_nan", True)
     if not isinstance(allow_nan, bool):
         f.fail("allow_nan", allow_nan, "expected true or false")
+    prepack = data.get("prepack_linear", False)
+    if not isinstance(prepack, bool):
+        f.fail("prepack_linear", prepack, "expected true or false")
+    if prepack and backend != "torch":
+        f.fail("prepack_linear", prepack, "only the torch backend packs its nn.Linear layers; leave it out")
     return ModelSpec(
         name=model,
         backend=backend,
@@ -162,6 +168,7 @@ def _parse_spec(model: str, folder: Path, data: Mapping[Any, Any]) -> ModelSpec:
         path=folder,
         source=source,
         allow_nan=allow_nan,
+        prepack_linear=prepack,
     )
 
 

@@ -68,6 +68,8 @@ class ModelSpec:
         path: the model folder (None for models built in code).
         source: backend-specific artefact: a file name relative to ``path`` or ``module:attr``.
         allow_nan: when False, an output holding NaN fails its batch.
+        prepack_linear: torch backend on CPU: pack the ``nn.Linear`` weights once for oneDNN
+            (`engine.models.cpu_prepack`).
     """
 
     name: str
@@ -82,6 +84,7 @@ class ModelSpec:
     path: Path | None = None
     source: str = ""
     allow_nan: bool = True
+    prepack_linear: bool = False
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:

@@ -52,6 +52,7 @@ def test_builtins_load() -> None:
     mlp = repo.specs["mlp"]
     assert mlp.inputs[0] == TensorSpec("INPUT0", "FP32", (256,))
     assert mlp.dynamic_batching == DynamicBatching(max_queue_delay_us=2000, preferred_batch_sizes=())
+    assert mlp.prepack_linear and not repo.specs["simple"].prepack_linear
     assert all(s.path is not None and s.path.is_dir() for s in repo.specs.values())
 
 
@@ -70,6 +71,7 @@ def test_defaults(tmp_path: Path) -> None:
     spec = load_model_spec(make_model(tmp_path, "m", data))
     assert spec.source == "model.py:build" and spec.max_batch_size == 0
     assert spec.dynamic_batching == DynamicBatching() and spec.devices == () and spec.version == "1"
+    assert not spec.prepack_linear
 
 
 def test_broken_folder_is_reported_by_name_while_others_load(tmp_path: Path) -> None:
@@ -143,6 +145,8 @@ INVALID = [
     ("devices", ["cuda:0"], "devices", "CPU only"),
     ("num_threads", -1, "num_threads", ">= 0"),
     ("allow_nan", "yes", "allow_nan", "true or false"),
+    ("prepack_linear", "yes", "prepack_linear", "true or false"),
+    ("prepack_linear", True, "prepack_linear", "only the torch backend"),
 ]
 
 

@@ -1,0 +1,206 @@
+"""Linear layers packed for oneDNN: same answers as nn.Linear, what is packed and fused, and the fallback."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from engine.models import builtin_repository, cpu_prepack
+from engine.models.backends import load_model
+from engine.models.cpu_prepack import PackedLinear, prepack_linear
+from engine.models.repository import load_model_spec, load_repository
+
+pytestmark = pytest.mark.skipif(not cpu_prepack.available(), reason="this torch build has no oneDNN")
+
+ROWS = (1, 2, 5, 64, 200)
+
+
+def seeded(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def mlp(*sizes: int, act: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+    torch.manual_seed(3)
+    layers: list[nn.Module] = []
+    for fan_in, fan_out in itertools.pairwise(sizes):
+        layers += [nn.Linear(fan_in, fan_out), act()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def samples(width: int) -> list[list[torch.Tensor]]:
+    return [[seeded(rows, width, seed=rows)] for rows in (1, 3, 17)]
+
+
+def outputs(model: nn.Module, width: int) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model(seeded(rows, width, seed=100 + rows)) for rows in ROWS]
+
+
+def test_sequential_is_packed_relu_fused_and_answers_the_same() -> None:
+    model = mlp(32, 64, 48, 8)
+    want = outputs(model, 32)
+    assert prepack_linear(model, samples(32)) == 3
+    kinds = [type(m).__name__ for m in model]
+    assert kinds == ["PackedLinear", "Identity", "PackedLinear", "Identity", "PackedLinear"]
+    assert [m.relu for m in model if isinstance(m, PackedLinear)] == [True, True, False]
+    for rows, a, b in zip(ROWS, want, outputs(model, 32), strict=True):
+        assert b.shape == (rows, 8)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_other_activations_are_not_fused() -> None:
+    model = mlp(16, 32, 4, act=nn.GELU)
+    want = outputs(model, 16)
+    assert prepack_linear(model, samples(16)) == 2
+    assert isinstance(model[1], nn.GELU) and not model[0].relu
+    for a, b in zip(want, outputs(model, 16), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+class Nested(nn.Module):
+    """Linear layers as attributes, one of them read by weight in forward, one a subclass."""
+
+    class Scaled(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.encoder = nn.Sequential(nn.Linear(12, 24), nn.ReLU())
+        self.head = nn.Linear(24, 6, bias=False)
+        self.tied = self.Scaled(24, 24)
+        self.wide = nn.Linear(12, 24).double()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.tied(self.encoder(x))
+        return {"out": self.head(h), "tied": F.linear(h, self.head.weight), "wide": self.wide(x.double())}
+
+
+def test_nested_layers_keep_their_weights_and_subclasses_stay() -> None:
+    model = Nested().eval()
+    with torch.inference_mode():
+        want = [model(seeded(rows, 12, seed=rows)) for rows in ROWS]
+    assert prepack_linear(model, [[seeded(4, 12)]]) == 2
+    assert isinstance(model.encoder[0], PackedLinear) and model.encoder[0].relu
+    assert isinstance(model.head, PackedLinear) and model.head.bias is None
+    assert type(model.tied) is Nested.Scaled and type(model.wide) is nn.Linear  # subclass, float64
+    # the original parameters stay reachable (and in the state dict under their names)
+    assert set(model.state_dict()) == set(Nested().state_dict())
+    with torch.inference_mode():
+        got = [model(seeded(rows, 12, seed=rows)) for rows in ROWS]
+    for a, b in zip(want, got, strict=True):
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_three_dimensional_and_read_only_inputs() -> None:
+    model = mlp(8, 16, 4)
+    x = seeded(3, 5, 8)
+    with torch.inference_mode():
+        want = model(x)
+    prepack_linear(model, samples(8))
+    array = x.numpy().copy()
+    array.flags.writeable = False
+    with torch.inference_mode(), pytest.warns(UserWarning, match="not writable"):
+        got = model(torch.from_numpy(array))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_wrong_width_fails_as_nn_linear_does() -> None:
+    model = mlp(8, 16, 4)
+    prepack_linear(model, samples(8))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cannot be multiplied"):
+        model(seeded(4, 9))
+
+
+def test_a_model_that_disagrees_gets_its_layers_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = mlp(8, 16, 4)
+    originals = list(model)
+    real = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: real(self, x) + 1e-3)
+    with caplog.at_level(logging.WARNING):
+        assert prepack_linear(model, samples(8)) == 0
+    assert list(model) == originals
+    assert "differs" in caplog.text
+
+
+def test_a_model_that_rejects_the_packed_layer_gets_its_layers_back(caplog: pytest.LogCaptureFixture) -> None:
+    class Picky(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not isinstance(self.fc, nn.Linear):
+                raise TypeError("fc must be an nn.Linear")
+            return self.fc(x)
+
+    model = Picky().eval()
+    with caplog.at_level(logging.WARNING):
+        assert prepack_linear(model, [[seeded(3, 4)]]) == 0
+    assert type(model.fc) is nn.Linear
+    assert "TypeError: fc must be an nn.Linear" in caplog.text
+
+
+def test_without_onednn_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_prepack, "available", lambda: False)
+    model = mlp(8, 16, 4)
+    assert prepack_linear(model, samples(8)) == 0
+    assert type(model[0]) is nn.Linear
+
+
+def test_nothing_packable() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Linear(4, 4).double()).eval()
+    assert prepack_linear(model, [[seeded(2, 4).double()]]) == 0
+    assert type(model[1]) is nn.Linear
+
+
+def test_builtin_mlp_loads_packed_and_answers_like_the_plain_one() -> None:
+    spec = load_repository(builtin_repository()).specs["mlp"]
+    assert spec.prepack_linear
+    packed = load_model(spec, "cpu")
+    plain = load_model(spec.__class__(**{**spec.__dict__, "prepack_linear": False}), "cpu")
+    module: Any = packed._fn
+    assert [type(m).__name__ for m in module] == ["PackedLinear", "Identity", "PackedLinear"]
+    assert all(type(m) is not PackedLinear for m in plain._fn.modules())  # type: ignore[attr-defined]
+    rng = np.random.default_rng(7)
+    for rows in (1, 2, 23, 256):
+        x = torch.from_numpy(rng.standard_normal((rows, 256), dtype=np.float32))
+        (a,) = plain.run([x])
+        (b,) = packed.run([x])
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_model_yaml_switch_loads_a_user_model_packed(tmp_path: Path) -> None:
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "model.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def build():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 2))\n"
+    )
+    data = {
+        "backend": "torch",
+        "max_batch_size": 8,
+        "prepack_linear": True,
+        "inputs": [{"name": "X", "datatype": "FP32", "shape": [6]}],
+        "outputs": [{"name": "Y", "datatype": "FP32", "shape": [2]}],
+    }
+    (folder / "model.yaml").write_text(yaml.safe_dump(data))
+    model = load_model(load_model_spec(folder), "cpu")
+    module: Any = model._fn
+    assert isinstance(module[0], PackedLinear) and isinstance(module[2], PackedLinear)
+    (out,) = model.run([seeded(5, 6)])
+    assert out.shape == (5, 2)
