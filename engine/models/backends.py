@@ -101,12 +101,10 @@ class LoadedModel:
 
     def dummy_inputs(self, batch: int = 1) -> list[torch.Tensor]:
         """Zero inputs of batch ``batch`` (ignored when the model does not batch), -1 dims as 1."""
-        tensors = []
-        for t in self.spec.inputs:
-            dims = tuple(1 if d == -1 else d for d in t.shape)
-            shape = (batch, *dims) if self.spec.max_batch_size > 0 else dims
-            tensors.append(torch.zeros(shape, dtype=torch_dtype(t.datatype), device=self.device))
-        return tensors
+        return [
+            torch.zeros(shape, dtype=torch_dtype(t.datatype), device=self.device)
+            for t, shape in zip(self.spec.inputs, _input_shapes(self.spec, batch, 1), strict=True)
+        ]
 
     def warmup(self) -> None:
         """Run one dummy batch so that the first request does not pay for lazy initialisation."""
@@ -204,6 +202,16 @@ def _load_torch(spec: ModelSpec, device: str) -> LoadedModel:
     return LoadedModel(spec, device, module)
 
 
+def _input_shapes(spec: ModelSpec, rows: int, variable: int) -> list[tuple[int, ...]]:
+    """Each input's full shape for a batch of ``rows`` (none when the model does not batch), its -1
+    dims set to ``variable``."""
+    shapes = []
+    for t in spec.inputs:
+        dims = tuple(variable if d == -1 else d for d in t.shape)
+        shapes.append((rows, *dims) if spec.max_batch_size > 0 else dims)
+    return shapes
+
+
 def _sample_rows(spec: ModelSpec) -> tuple[int, ...]:
     # one row takes the layers' unpacked path; the others, the packed one
     if spec.max_batch_size == 0:
@@ -216,9 +224,7 @@ def _sample_inputs(spec: ModelSpec, rows: int) -> list[torch.Tensor]:
     floats, zeros for other types (an index must stay in range), -1 dims as 3."""
     generator = torch.Generator().manual_seed(0)
     tensors = []
-    for t in spec.inputs:
-        dims = tuple(3 if d == -1 else d for d in t.shape)
-        shape = (rows, *dims) if spec.max_batch_size > 0 else dims
+    for t, shape in zip(spec.inputs, _input_shapes(spec, rows, 3), strict=True):
         dtype = torch_dtype(t.datatype)
         if dtype.is_floating_point:
             tensors.append(torch.randn(shape, generator=generator).to(dtype))
