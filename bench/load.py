@@ -32,7 +32,7 @@ from bench.load_profile import CpuMeter, Profiler, batch_delta, engine_model_sta
 from bench.load_runner import LoadSpec, PhaseResult
 from bench.load_server import Endpoints, launched_server
 from bench.load_stats import Recorder, summary
-from bench.load_targets import ENDPOINT_OF, PROTOCOLS
+from bench.load_targets import ENDPOINT_OF, GRPC_CLIENTS, PROTOCOLS
 from bench.output import write_json  # re-exported: callers use bench.load.write_json
 from engine.gc_tuning import settle_heap
 
@@ -155,6 +155,7 @@ def measure(
     elapsed = sum(p.elapsed_s for p in phases) if spec.burst is not None else phases[0].elapsed_s
     result: dict[str, Any] = {
         "protocol": spec.protocol,
+        "client": spec.grpc_client if spec.protocol == "grpc" else spec.protocol,
         "model": spec.model,
         "mode": spec.mode,
         "concurrency": spec.slots,
@@ -226,6 +227,11 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _client_note(result: dict[str, Any]) -> str:
+    client = result.get("client")
+    return f" ({client} client)" if result["protocol"] == "grpc" and client else ""
+
+
 def format_result(result: dict[str, Any]) -> str:
     """A few lines for the terminal."""
     if result["mode"] == "burst":
@@ -236,8 +242,8 @@ def format_result(result: dict[str, Any]) -> str:
         shape = f"c={result['concurrency']}"
     errors = ", ".join(f"{k} {v}" for k, v in result["errors_by_code"].items()) or "0"
     lines = [
-        f"{result['target'] or 'server'} {result['protocol']} {result['model']} {shape} "
-        f"procs={result['procs']}: "
+        f"{result['target'] or 'server'} {result['protocol']}{_client_note(result)} {result['model']} "
+        f"{shape} procs={result['procs']}: "
         f"{result['requests']} ok in {result['duration_s']:.2f} s = {result['rps']:.0f} req/s; "
         f"ms p50 {_ms(result['p50_ms'])} p95 {_ms(result['p95_ms'])} p99 {_ms(result['p99_ms'])} "
         f"max {_ms(result['max_ms'])}; errors {errors}; checked {result['checked']}"
@@ -301,6 +307,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--procs", type=int, metavar="P", help="client processes sharing the load; default 1")
     add("--warmup", type=float, default=1.0, metavar="S", help="unmeasured seconds first; default 1")
     add("--timeout", type=float, default=30.0, metavar="S", help="per-request timeout; default 30")
+    add(
+        "--grpc-client",
+        choices=GRPC_CLIENTS,
+        default="h2",
+        help="gRPC load client: h2 (HTTP/2 by hand, little client CPU) or grpcio (grpc.aio); default h2",
+    )
     add("--check-every", type=int, default=100, metavar="K", help="check one answer in K; default 100")
     add("--url", metavar="HOST:PORT", help="an existing server's endpoint (default: launch the engine)")
     add(
@@ -345,6 +357,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[LoadSpec, int]:
         warmup_s=args.warmup,
         timeout_s=args.timeout,
         check_every=args.check_every,
+        grpc_client=args.grpc_client,
     )
     return spec, int(values["procs"])
 

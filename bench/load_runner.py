@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.load_payload import Payload
 from bench.load_stats import WRONG_ANSWER, Recorder, intended_send_ns, split, tickets_in
-from bench.load_targets import PROTOCOLS, Call, Target, make_target
+from bench.load_targets import GRPC_CLIENTS, PROTOCOLS, Call, Target, make_target
 
 now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
@@ -45,6 +45,7 @@ class LoadSpec:
         warmup_s: unmeasured seconds first (burst mode: one unmeasured round when > 0).
         timeout_s: per-request timeout.
         check_every: one answer in this many is compared with the expected output.
+        grpc_client: the gRPC load client, ``h2`` (lean, HTTP/2 by hand) or ``grpcio`` (grpc.aio).
     """
 
     protocol: str = "grpc"
@@ -57,10 +58,14 @@ class LoadSpec:
     warmup_s: float = 1.0
     timeout_s: float = 30.0
     check_every: int = 100
+    grpc_client: str = "h2"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.grpc_client not in GRPC_CLIENTS:
+            choices = ", ".join(GRPC_CLIENTS)
+            raise ValueError(f"grpc_client must be one of {choices}, got {self.grpc_client!r}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.burst is not None and self.burst < 1:
@@ -228,7 +233,9 @@ class Session:
     async def start(self) -> None:
         """Connect, and warm up (unmeasured) for ``spec.warmup_s``."""
         spec = self.spec
-        self._target = make_target(spec.protocol, self.address, self.payload, spec.timeout_s)
+        self._target = make_target(
+            spec.protocol, self.address, self.payload, spec.timeout_s, spec.grpc_client
+        )
         await self._target.open()
         self._calls = [self._target.slot() for _ in range(spec.slots)]
         if spec.warmup_s > 0:

@@ -220,9 +220,12 @@ def _load(tmp_path: Path, *argv: str) -> dict[str, Any]:
     return result
 
 
-def test_load_closed_loop_grpc(tmp_path: Path, server: ServerProcess) -> None:
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+def test_load_closed_loop_grpc(tmp_path: Path, server: ServerProcess, client: str) -> None:
     result = _load(
         tmp_path,
+        "--grpc-client",
+        client,
         "--url",
         server.grpc_address,
         "--concurrency",
@@ -234,9 +237,55 @@ def test_load_closed_loop_grpc(tmp_path: Path, server: ServerProcess) -> None:
         "--server-pid",
         str(server.pid),
     )
-    assert result["errors"] == 0 and result["requests"] > 0
+    assert result["errors"] == 0 and result["requests"] > 0 and result["client"] == client
     assert result["checked"] == result["requests"]  # every answer compared with the mlp computed here
     assert any(name.startswith("worker") for name in result["cpu"]["processes"])
+
+
+def test_load_bursts_over_grpc_with_the_lean_client(tmp_path: Path, server: ServerProcess) -> None:
+    result = _load(
+        tmp_path,
+        "--url",
+        server.grpc_address,
+        "--burst",
+        "200",
+        "--rounds",
+        "2",
+        "--check-every",
+        "7",
+    )
+    assert result["client"] == "h2"
+    assert result["errors"] == 0 and result["requests"] == 400 and result["checked"] >= 50
+    assert [r["requests"] for r in result["rounds"]] == [200, 200]
+
+
+@pytest.mark.parametrize("client", ["h2", "grpcio"])
+def test_grpc_clients_name_the_same_error_codes(server: ServerProcess, client: str) -> None:
+    import asyncio
+
+    from bench.load_payload import Payload
+    from bench.load_targets import make_target
+
+    identity = Payload("identity", {"INPUT0": DATA}, {"OUTPUT0": DATA})
+    cases = [
+        identity,
+        Payload("no-such-model", {"INPUT0": DATA}, None),
+        Payload("identity", {"INPUT0": DATA.astype(np.float64)}, None),  # wrong datatype
+        Payload("identity", {"INPUT0": DATA}, {"OUTPUT0": DATA + 1}),  # answers differ from expected
+    ]
+
+    async def outcomes() -> list[str | None]:
+        codes = []
+        for payload in cases:
+            target = make_target("grpc", server.grpc_address, payload, 10.0, grpc_client=client)
+            await target.open()
+            try:
+                codes.append(await target.slot()(True))
+            finally:
+                await target.close()
+        return codes
+
+    assert asyncio.run(outcomes()) == [None, "NOT_FOUND", "INVALID_ARGUMENT", "WRONG_ANSWER"]
 
 
 def test_load_bursts_over_zmq_from_two_processes(tmp_path: Path, server: ServerProcess) -> None:
