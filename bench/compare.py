@@ -7,9 +7,12 @@ times, interleaved, and keeps each row's median run):
 - ``engine``: this engine over the scenario's protocol (gRPC for every named scenario): row (a), the
   one every ratio is taken against; ``engine-zmq`` and ``engine-rest``: the same engine over ZMQ and
   REST (binary tensors); ``engine-grpcio``: a second engine serving gRPC on grpc.aio
-  (``grpc_transport=grpcio``) instead of the default `servers.grpc_h2`;
+  (``grpc_transport=grpcio``) instead of the default `servers.grpc_h2`; ``engine-aio-client``: the
+  engine again, loaded through grpc.aio's client instead of the lean one (`bench.grpc_h2_client`,
+  ``--grpc-client``), as most Python services would call it;
 - ``inproc``: the model called in this process with ideal batching: the compute floor (b);
-- ``echo``: a bare grpc.aio echo server on uvloop: the protocol floor (c);
+- ``echo``: a bare grpc.aio echo server on uvloop: the protocol floor (c); ``echo-aio-client``: the
+  same through grpc.aio's client (the floor for ``engine-aio-client``);
 - ``grpc-torch`` and ``fastapi-torch``: the afternoon servers, plain grpc.aio + torch and FastAPI +
   torch, one process each, one forward per request (d).
 
@@ -33,6 +36,7 @@ from bench.load_payload import make_payload
 from bench.load_profile import server_processes
 from bench.load_runner import LoadSpec
 from bench.load_server import Endpoints, launched, launched_server
+from bench.load_targets import GRPC_CLIENTS
 from bench.scenarios import SCENARIOS
 
 
@@ -48,6 +52,7 @@ class Row:
         echo: the server answers its inputs (the expected answer is the input).
         what: one line for the table's legend.
         settings: engine config (``KEY=VALUE``) of this row's engine, on top of the run's.
+        grpc_client: the gRPC load client for this row (``h2``, ``grpcio``); None: the run's.
     """
 
     name: str
@@ -57,6 +62,7 @@ class Row:
     echo: bool = False
     what: str = ""
     settings: tuple[str, ...] = ()
+    grpc_client: str | None = None
 
 
 ROWS: dict[str, Row] = {
@@ -72,6 +78,13 @@ ROWS: dict[str, Row] = {
             what="this engine with gRPC on grpc.aio (grpc_transport=grpcio)",
             settings=("grpc_transport=grpcio",),
         ),
+        Row(
+            "engine-aio-client",
+            "engine",
+            "grpc",
+            what="this engine over gRPC, loaded through grpc.aio's client",
+            grpc_client="grpcio",
+        ),
         Row("inproc", "inproc", what="(b) compute floor: the model in-process, ideal batching"),
         Row(
             "echo",
@@ -80,6 +93,15 @@ ROWS: dict[str, Row] = {
             "bench.baselines.echo_grpc",
             echo=True,
             what="(c) protocol floor: bare grpc.aio echo on uvloop",
+        ),
+        Row(
+            "echo-aio-client",
+            "baseline",
+            "grpc",
+            "bench.baselines.echo_grpc",
+            echo=True,
+            what="the protocol floor loaded through grpc.aio's client",
+            grpc_client="grpcio",
         ),
         Row(
             "grpc-torch",
@@ -129,7 +151,9 @@ def compare(
         measures: dict[str, Callable[[], dict[str, Any]]] = {}
         engines: dict[tuple[str, ...], Endpoints] = {}
         for row in chosen:
-            row_spec = dataclasses.replace(spec, protocol=row.protocol or spec.protocol)
+            row_spec = dataclasses.replace(
+                spec, protocol=row.protocol or spec.protocol, grpc_client=row.grpc_client or spec.grpc_client
+            )
             if row.kind == "inproc":
                 from bench.baselines.inproc import measure_inproc
 
@@ -188,6 +212,9 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         "rps_vs_engine": {name: ratio(r, base, "rps") for name, r in by_name.items()},
         "p99_vs_engine": {name: ratio(r, base, "p99_ms") for name, r in by_name.items()},
         "engine_over_echo_rps": ratio(base, by_name.get("echo"), "rps"),
+        "engine_over_echo_rps_aio_client": ratio(
+            by_name.get("engine-aio-client"), by_name.get("echo-aio-client"), "rps"
+        ),
         "engine_zmq_over_grpc_rps": ratio(by_name.get("engine-zmq"), base, "rps"),
         "engine_rest_over_fastapi_rps": ratio(
             by_name.get("engine-rest"), by_name.get("fastapi-torch"), "rps"
@@ -195,6 +222,13 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
         "engine_over_grpc_torch_rps": ratio(base, by_name.get("grpc-torch"), "rps"),
     }
     return out
+
+
+def _protocol(result: dict[str, Any]) -> str:
+    client = result.get("client")
+    if result["protocol"] == "grpc" and client:
+        return f"grpc ({'grpc.aio' if client == 'grpcio' else client} client)"
+    return str(result["protocol"])
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -211,7 +245,7 @@ def format_table(report: dict[str, Any], markdown: bool = False) -> str:
         body.append(
             [
                 r["target"],
-                r["protocol"],
+                _protocol(r),
                 _cell(r["rps"], ".0f"),
                 _cell(r["p50_ms"], ".2f"),
                 _cell(r["p95_ms"], ".2f"),
@@ -251,6 +285,7 @@ def run_compare(
     settings: Sequence[str] = (),
     progress: bool = True,
     repeat: int = 1,
+    grpc_client: str = "h2",
 ) -> dict[str, Any]:
     """`compare` for a named scenario; the report (what the JSON holds)."""
     shape = SCENARIOS[scenario]
@@ -261,6 +296,7 @@ def run_compare(
         duration_s=duration_s or shape.duration_s,
         burst=shape.burst,
         rounds=shape.rounds,
+        grpc_client=grpc_client,
     )
     results = compare(spec, rows, procs=procs, settings=settings, progress=progress, repeat=repeat)
     return stamp(
@@ -291,6 +327,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--repeat", type=int, default=1, metavar="K", help="K interleaved runs per row, median kept"
     )
+    parser.add_argument(
+        "--grpc-client",
+        choices=GRPC_CLIENTS,
+        default="h2",
+        help="gRPC load client of the rows that do not name theirs: h2 (lean) or grpcio (grpc.aio)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -306,6 +348,7 @@ def main(args: argparse.Namespace) -> int:
         settings=args.set,
         progress=not args.quiet,
         repeat=args.repeat,
+        grpc_client=args.grpc_client,
     )
     print(format_table(report))
     if args.json:

@@ -328,9 +328,11 @@ def test_load_open_loop_rest(tmp_path: Path, server: ServerProcess) -> None:
 
 def test_compare_against_the_floors_and_an_afternoon_server(tmp_path: Path) -> None:
     out = tmp_path / "compare.json"
-    argv = ["compare", "throughput", "--rows", "inproc,echo,fastapi-torch", "--duration", "0.5", "--quiet"]
+    rows = "inproc,echo,echo-aio-client,fastapi-torch"
+    argv = ["compare", "throughput", "--rows", rows, "--duration", "0.5", "--quiet"]
     assert bench_main([*argv, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [r["target"] for r in report["rows"]] == ["inproc", "echo", "fastapi-torch"]
+    assert [r["target"] for r in report["rows"]] == rows.split(",")
+    assert [r.get("client") for r in report["rows"][1:3]] == ["h2", "grpcio"]  # the row's own client
     for row in report["rows"]:
         assert row["errors"] == 0 and row["requests"] > 0 and row["checked"] >= 1, row["target"]

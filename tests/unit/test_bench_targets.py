@@ -28,6 +28,8 @@ def test_ratio_and_absolute_throughput_targets_are_judged_apart(tmp_path: Path) 
         [
             _row("engine", 1900, p99_ms=60.0),
             _row("echo", 2000),
+            _row("engine-aio-client", 1000, p99_ms=30.0),
+            _row("echo-aio-client", 2000),
             _row("engine-zmq", 3900),
             _row("engine-rest", 4600),
             _row("fastapi-torch", 1400),
@@ -42,15 +44,20 @@ def test_ratio_and_absolute_throughput_targets_are_judged_apart(tmp_path: Path) 
     (tmp_path / "idle.json").write_text(json.dumps({"percent_of_one_core": 0.8}))
     met = _met(targets_table(tmp_path))
     assert met == {
-        "gRPC c=64 req/s vs echo": "yes",  # 0.95x
-        "gRPC c=64 req/s absolute": "no",
-        "gRPC c=64 p99": "no",
-        "gRPC c=500 req/s vs echo": "no",  # 0.5x
-        "gRPC c=500 req/s absolute": "no",
-        "gRPC c=500 p95": "yes",
-        "gRPC 500-call burst p95": "no",
-        "gRPC c=1 p50": "yes",  # 1.5 <= 1.0 + 0.25 + 0.3
-        "ZMQ vs gRPC req/s at c=64": "yes",
+        "gRPC c=64 req/s vs echo, lean client": "yes",  # 0.95x
+        "gRPC c=64 req/s absolute, lean client": "no",
+        "gRPC c=64 p99, lean client": "no",
+        "gRPC c=500 req/s vs echo, lean client": "no",  # 0.5x
+        "gRPC c=500 req/s absolute, lean client": "no",
+        "gRPC c=500 p95, lean client": "yes",
+        "gRPC 500-call burst p95, lean client": "no",
+        "gRPC c=1 p50, lean client": "yes",  # 1.5 <= 1.0 + 0.25 + 0.3
+        "ZMQ vs gRPC req/s at c=64, lean client": "yes",  # 3900 / 1900
+        # the same engine through grpc.aio's client, against echo through that client
+        "gRPC c=64 req/s vs echo, grpc.aio client": "no",  # 0.5x
+        "gRPC c=64 req/s absolute, grpc.aio client": "no",
+        "gRPC c=64 p99, grpc.aio client": "yes",
+        "ZMQ vs gRPC req/s at c=64, grpc.aio client": "yes",  # 3900 / 1000
         "REST binary vs FastAPI + torch at c=64": "yes",
         "idle server CPU": "yes",
     }
@@ -59,5 +66,6 @@ def test_ratio_and_absolute_throughput_targets_are_judged_apart(tmp_path: Path) 
 def test_missing_results_leave_their_targets_out(tmp_path: Path) -> None:
     _write(tmp_path / "compare-throughput.json", [_row("engine", 1900)])  # no echo row
     met = _met(targets_table(tmp_path))
-    assert met["gRPC c=64 req/s vs echo"] == "-"
+    assert met["gRPC c=64 req/s vs echo, lean client"] == "-"
+    assert not any("grpc.aio client" in name for name in met)
     assert "idle server CPU" not in met
