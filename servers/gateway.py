@@ -15,7 +15,6 @@ Request checks live in `servers.gateway_requests`, response-region reading in
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import time
 from collections.abc import Sequence
@@ -62,6 +61,7 @@ from ext.arena import Arena
 from ext.notify import EventNotifier, WakeWord
 from ext.ring import DESC_DTYPE, Ring
 from ext.segment import KIND_ARENA, KIND_CONTROL, Segment
+from servers.deadlines import DeadlineHeap
 from servers.gateway_api import InferInput
 from servers.gateway_records import GatewayHandles, PendingRequest, ShmResult, WorkerLink
 from servers.gateway_requests import InputChecks, output_mask
@@ -74,8 +74,6 @@ log = logging.getLogger("servers.gateway")
 #: How long after a request's deadline the front-end answers it itself when the worker has not.
 DEADLINE_SLACK_S = 0.05
 _DEADLINE_SLACK_NS = int(DEADLINE_SLACK_S * 1e9)
-#: Entries of answered requests the deadline heap may hold beyond twice the pending ones.
-_DEADLINE_COMPACT_SLACK = 1024
 
 
 class ShmGateway:
@@ -99,9 +97,8 @@ class ShmGateway:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._notifier: EventNotifier | None = None
         self._closed = False
-        self._deadlines: list[tuple[int, int]] = []  # heap of (when to answer, req_id)
-        self._deadline_timer: asyncio.TimerHandle | None = None
-        self._deadline_due = 0
+        #: when to answer each pending request with a deadline (by req_id), from `start` on
+        self._deadlines: DeadlineHeap[int] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -125,6 +122,8 @@ class ShmGateway:
         """Attach shared memory, take the pairs with every worker and listen for completions."""
         h = self.h
         self._loop = loop or asyncio.get_running_loop()
+        pending = self._pending
+        self._deadlines = DeadlineHeap(self._loop, self._expire, pending.__contains__, pending.__len__)
         control = Segment.attach(h.base, KIND_CONTROL)
         self._control = control
         arena_seg = Segment.attach(frontend_arena_name(h.base, h.f, h.gen), KIND_ARENA)
@@ -174,9 +173,8 @@ class ShmGateway:
         if self._closed:
             return
         self._closed = True
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
+        if self._deadlines is not None:
+            self._deadlines.close()
         if self._loop is not None:
             self._loop.remove_reader(self.h.notifier_fd)
         for req_id in list(self._pending):
@@ -332,42 +330,11 @@ class ShmGateway:
         link.pending.add(req_id)
         self._inflight[m] += 1
         self._publish_inflight()
-        if deadline_ns:
+        if deadline_ns and self._deadlines is not None:
             # A hung worker must not hold the answer past the deadline: answer here, a little after
             # the worker itself would have, and free the region when the worker finally reports back.
-            self._watch_deadline(deadline_ns + _DEADLINE_SLACK_NS, req_id)
+            self._deadlines.watch(deadline_ns + _DEADLINE_SLACK_NS, req_id)
         return req_id, future
-
-    # One heap and one timer for every deadline, not a loop timer per request (created and
-    # cancelled per request, that cost more than the rest of the admission). Answered requests
-    # leave their entries behind; `_expire` ignores them and the heap is compacted when they pile up.
-
-    def _watch_deadline(self, due_ns: int, req_id: int) -> None:
-        heapq.heappush(self._deadlines, (due_ns, req_id))
-        if self._deadline_timer is None or due_ns < self._deadline_due:
-            self._arm_deadline_timer(due_ns)
-        elif len(self._deadlines) > 2 * len(self._pending) + _DEADLINE_COMPACT_SLACK:
-            self._deadlines = [d for d in self._deadlines if d[1] in self._pending]
-            heapq.heapify(self._deadlines)
-
-    def _arm_deadline_timer(self, due_ns: int) -> None:
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-        assert self._loop is not None
-        self._deadline_due = due_ns
-        delay = max(0.0, (due_ns - time.monotonic_ns()) / 1e9)
-        self._deadline_timer = self._loop.call_later(delay, self._on_deadlines)
-
-    def _on_deadlines(self) -> None:
-        self._deadline_timer = None
-        heap = self._deadlines
-        now = time.monotonic_ns()
-        while heap and heap[0][0] <= now:
-            self._expire(heapq.heappop(heap)[1])
-        while heap and heap[0][1] not in self._pending:
-            heapq.heappop(heap)  # answered: nothing to wake up for
-        if heap and not self._closed:
-            self._arm_deadline_timer(heap[0][0])
 
     def _expire(self, req_id: int) -> None:
         entry = self._pending.get(req_id)

@@ -36,6 +36,7 @@ from typing import Any, Protocol, cast
 import grpc
 
 from servers import hpack_codec
+from servers.deadlines import DeadlineHeap
 from servers.grpc_h2_call import END, Abort, Call, H2Context, encode_message, metadata, parse_timeout
 from servers.grpc_handlers import BearerAuth
 from servers.grpc_message_buffer import MessageTooLarge
@@ -96,6 +97,10 @@ class Flight(Protocol):
 Starter = Callable[[Any, float | None], Flight]
 
 
+def _running(call: Call) -> bool:
+    return not call.done
+
+
 class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
     """One client connection: HTTP/2 events (`ServerConnection`'s ``on_*``) to calls, each a `Call`
     whose handler runs as a task."""
@@ -120,6 +125,10 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         self._viewing: list[Call] = []
         #: those releases once written, until the transport has sent the bytes
         self._held = HeldWrites(self.loop, lambda: self.transport, "grpc h2")
+        #: the grpc-timeout of each call that sent one, on one timer (not a loop timer per call)
+        self._deadlines: DeadlineHeap[Call] = DeadlineHeap(
+            self.loop, self._expire, _running, self.calls.__len__
+        )
 
     # ---- transport events ----------------------------------------------------------------------
 
@@ -139,6 +148,7 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self._deadlines.close()
         for call in list(self.calls.values()):
             self._drop(call)
         self.transport = None
@@ -228,8 +238,9 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
         if timeout is not None:
             seconds = parse_timeout(timeout)
             if seconds is not None:
-                call.deadline = time.monotonic() + seconds
-                call.timer = self.loop.call_later(seconds, self._expire, call)
+                now_ns = time.monotonic_ns()
+                call.deadline = now_ns / 1e9 + seconds  # the same clock as time.monotonic()
+                self._deadlines.watch(now_ns + int(seconds * 1e9), call)
         if handler.request_streaming:
             call.task = self.loop.create_task(self._run(call))
 
@@ -574,9 +585,6 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
 
     def _retire(self, call: Call) -> None:
         self.server.active -= 1
-        if call.timer is not None:
-            call.timer.cancel()
-            call.timer = None
         if call.task is not None and not call.task.done() and call.task is not asyncio.current_task():
             call.task.cancel()
         if call.flight is not None and not call.flight.future.done():
@@ -585,7 +593,6 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             self.server.idle.set()
 
     def _expire(self, call: Call) -> None:
-        call.timer = None
         self._finish(call, grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def cancel_all(self) -> None:

@@ -74,7 +74,7 @@ class Call:
     __slots__ = (
         "buf", "code", "deadline", "details", "done", "drained", "encoding", "flight", "handler",
         "headers", "headers_sent", "messages", "path", "pending", "releases", "request_closed", "sid",
-        "task", "timer", "trailers", "unacked", "waiter",
+        "task", "trailers", "unacked", "waiter",
     )  # fmt: skip
 
     def __init__(
@@ -106,7 +106,6 @@ class Call:
         #: the trailers' header block, once the call is answered
         self.trailers: bytes | None = None
         self.drained: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.done = False
         self.code: grpc.StatusCode | None = None
         self.details = ""
