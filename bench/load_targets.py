@@ -24,6 +24,7 @@ from typing import Any, cast
 import numpy as np
 import orjson
 
+from bench.grpc_h2_client import STATUS_NAMES, GrpcH2Connection, connect, framed, request_header_block
 from bench.load_payload import Payload
 from bench.load_stats import WRONG_ANSWER
 
@@ -164,22 +165,20 @@ class GrpcH2Target(Target):
     protocol = "grpc"
 
     async def open(self) -> None:
-        from bench.grpc_h2_client import STATUS_NAMES, framed, request_header_block
-
         self._host, _, port = self.address.rpartition(":")
         self._port = int(port)
-        self._names = STATUS_NAMES
         self._block = request_header_block(MODEL_INFER, self.address, self.timeout_s)
         self._body = framed(grpc_request_bytes(self.payload))
-        self._connecting: asyncio.Future[Any] | None = None
+        self._connecting: asyncio.Future[GrpcH2Connection] | None = None
+        self._opened: list[GrpcH2Connection] = []
         self._connection = await self._connect()
 
-    async def _connect(self) -> Any:
-        from bench.grpc_h2_client import connect
+    async def _connect(self) -> GrpcH2Connection:
+        connection = await connect(self._host, self._port, self.timeout_s, connect_timeout_s=self.timeout_s)
+        self._opened.append(connection)
+        return connection
 
-        return await connect(self._host, self._port, self.timeout_s, connect_timeout_s=self.timeout_s)
-
-    async def _reconnect(self) -> Any:
+    async def _reconnect(self) -> GrpcH2Connection:
         # the slots that find the connection gone share one new one
         if self._connection.accepting:
             return self._connection
@@ -195,7 +194,7 @@ class GrpcH2Target(Target):
         return connection
 
     def slot(self) -> Call:
-        block, body, payload, names = self._block, self._body, self.payload, self._names
+        block, body, payload, names = self._block, self._body, self.payload, STATUS_NAMES
 
         async def call(check: bool) -> str | None:
             connection = self._connection
@@ -216,7 +215,9 @@ class GrpcH2Target(Target):
     async def close(self) -> None:
         if self._connecting is not None:
             self._connecting.cancel()
-        self._connection.close()
+        for connection in self._opened:  # a replaced one may still carry calls
+            connection.close()
+        self._opened.clear()
 
 
 # ---- ZMQ -----------------------------------------------------------------------------------------
