@@ -335,7 +335,23 @@ class Connection(CoalescedWrites, ServerConnection, asyncio.Protocol):
             flight.discard()
             return
         try:
-            self._queue_response(call, flight.finish())
+            message = flight.finish()
+            if (
+                type(message) is bytes
+                and call.request_closed
+                and not call.headers_sent
+                and len(message) <= self.server.max_message_bytes
+                and self.send_whole(
+                    call.sid, _RESPONSE_BLOCK, (len(message).to_bytes(5, "big"), message), _OK_TRAILERS_BLOCK
+                )
+            ):
+                # the common answer, whole: what _queue_response and _finish would do, in one go
+                call.headers_sent = call.done = True
+                self._retire(call)
+                self.calls.pop(call.sid, None)
+                self._schedule_flush()
+                return
+            self._queue_response(call, message)
         except asyncio.CancelledError:
             # the work was cancelled (not by this call), or the stream closed under us (dropped)
             if not call.done:

@@ -21,6 +21,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import h2.settings
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -1115,3 +1119,69 @@ def test_a_large_request_reaches_the_gateway_as_views_of_the_received_message() 
     out = result.as_numpy("OUTPUT0")
     assert out is not None and np.array_equal(out, x), "the answer differs from the request"
     assert seen == [memoryview]
+
+
+def test_a_modelinfer_answer_over_the_peers_window_waits_for_it(transport: str) -> None:
+    # An answer whose whole frames the window allows goes out in one go; one larger than the
+    # peer's stream window goes the general way: what fits, the rest once the window opens.
+    def call(x: np.ndarray, rid: str) -> bytes:
+        message = pb.ModelInferRequest(
+            model_name="identity",
+            id=rid,
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="INPUT0", datatype="FP32", shape=x.shape)],
+            raw_input_contents=[x.tobytes()],
+        ).SerializeToString()
+        return len(message).to_bytes(5, "big") + message
+
+    def answer(data: bytes, rid: str, x: np.ndarray) -> None:
+        assert int.from_bytes(data[:5], "big") == len(data) - 5
+        response = pb.ModelInferResponse.FromString(data[5:])
+        assert response.id == rid
+        assert np.array_equal(np.frombuffer(response.raw_output_contents[0], np.float32), x.ravel())
+
+    small, large = np.arange(4, dtype=np.float32)[None], np.arange(256, dtype=np.float32)[None]
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None)
+    client = h2.connection.H2Connection(config)
+    client.local_settings = h2.settings.Settings(
+        client=True, initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 200}
+    )
+    client.initiate_connection()
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":path", b"/inference.GRPCInferenceService/ModelInfer"),
+        (b":authority", b"test"),
+        (b"content-type", b"application/grpc"),
+        (b"te", b"trailers"),
+    ]
+    with running() as srv, socket.create_connection(("127.0.0.1", srv.port), timeout=TIMEOUT_S) as sock:
+        got: dict[int, bytearray] = {1: bytearray(), 3: bytearray()}
+        trailers: dict[int, list[tuple[bytes, bytes]]] = {}
+
+        def pump(until: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + TIMEOUT_S
+            while not until():
+                assert time.monotonic() < deadline, f"no answer in time: {got!r} {trailers!r}"
+                sock.sendall(client.data_to_send())
+                for event in client.receive_data(sock.recv(1 << 16)):
+                    if isinstance(event, h2.events.DataReceived):
+                        got[event.stream_id] += event.data
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers[event.stream_id] = event.headers
+            sock.sendall(client.data_to_send())
+
+        for sid, x in ((1, small), (3, large)):
+            client.send_headers(sid, headers)
+            client.send_data(sid, call(x, str(sid)), end_stream=True)
+        pump(lambda: 1 in trailers and len(got[3]) == 200)
+        answer(bytes(got[1]), "1", small)
+        assert (b"grpc-status", b"0") in trailers[1]
+        sock.settimeout(0.2)
+        with contextlib.suppress(TimeoutError):
+            pump(lambda: False)  # whatever else comes within 0.2 s
+        sock.settimeout(TIMEOUT_S)
+        assert 3 not in trailers and len(got[3]) == 200, "sent past the window"
+        client.increment_flow_control_window(1 << 16, stream_id=3)
+        pump(lambda: 3 in trailers)
+        answer(bytes(got[3]), "3", large)
+        assert (b"grpc-status", b"0") in trailers[3]

@@ -299,6 +299,72 @@ def test_response_as_the_h2_client_sees_it() -> None:
     assert pair.server.streams == {}
 
 
+def test_send_whole_writes_what_the_three_calls_would() -> None:
+    # the same bytes as send_headers + send_data + send_headers(end_stream), the table-size update
+    # of a connection's first block included, and the same state after
+    whole, apart = Pair(), Pair()
+    for pair in (whole, apart):
+        pair.request(1, end_stream=True)
+        pair.request(3, end_stream=True)
+        pair.pump()
+    for sid in (1, 3):
+        assert whole.server.send_whole(sid, RESPONSE_BLOCK, (b"\0\0\0\0\x03", b"abc"), TRAILERS_BLOCK)
+        apart.server.send_headers(sid, RESPONSE_BLOCK)
+        apart.server.send_data(sid, b"\0\0\0\0\x03abc")
+        apart.server.send_headers(sid, TRAILERS_BLOCK, end_stream=True)
+    out = whole.server.data_to_send()
+    assert out == apart.server.data_to_send()
+    assert whole.server.send_window == apart.server.send_window == DEFAULT_WINDOW - 16
+    assert whole.server.streams == {}
+    events = whole.client.receive_data(out)
+    assert [e.data for e in of_type(events, h2.events.DataReceived)] == [b"\0\0\0\0\x03abc"] * 2
+    assert [t.headers for t in of_type(events, h2.events.TrailersReceived)] == [TRAILERS] * 2
+    assert len(of_type(events, h2.events.StreamEnded)) == 2
+
+
+def test_send_whole_keeps_a_stream_the_peer_has_not_ended() -> None:
+    pair = Pair()
+    pair.request(1)
+    pair.pump()
+    assert pair.server.send_whole(1, RESPONSE_BLOCK, (b"x",), TRAILERS_BLOCK)
+    assert pair.server.streams[1].local_closed  # the peer may still send; its data is refused
+    with pytest.raises(StreamClosedError):
+        pair.server.send_data(1, b"y")
+
+
+@pytest.mark.parametrize("case", ["stream window", "connection window", "frame size", "closed", "unknown"])
+def test_send_whole_sends_nothing_when_the_answer_does_not_fit(case: str) -> None:
+    # the caller then goes the general way (frames as the windows allow, the rest waiting)
+    pair = Pair()
+    pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 100})
+    pair.request(1, end_stream=True)
+    pair.request(3, end_stream=True)
+    pair.pump()
+    server = pair.server
+    server.data_to_send()
+    body: tuple[bytes, ...] = (b"x" * 50, b"y" * 50)
+    sid = 1
+    if case == "stream window":
+        body = (b"x" * 101,)
+    elif case == "connection window":
+        server.send_window = 60
+    elif case == "frame size":
+        pair.client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+        pair.client.increment_flow_control_window(1 << 20)
+        pair.pump()
+        server.data_to_send()
+        body = (b"x" * (DEFAULT_MAX_FRAME + 1),)
+    elif case == "closed":
+        server.send_headers(1, RESPONSE_BLOCK + TRAILERS_BLOCK, end_stream=True)
+        server.data_to_send()
+    else:
+        sid = 5
+    windows = (server.send_window, {s: st.send_window for s, st in server.streams.items()})
+    assert not server.send_whole(sid, RESPONSE_BLOCK, body, TRAILERS_BLOCK)
+    assert server.data_to_send() == b""
+    assert (server.send_window, {s: st.send_window for s, st in server.streams.items()}) == windows
+
+
 def test_response_header_block_over_max_frame_size_goes_in_continuations() -> None:
     pair = Pair()
     pair.request(1, end_stream=True)
