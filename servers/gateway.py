@@ -74,6 +74,11 @@ log = logging.getLogger("servers.gateway")
 #: How long after a request's deadline the front-end answers it itself when the worker has not.
 DEADLINE_SLACK_S = 0.05
 _DEADLINE_SLACK_NS = int(DEADLINE_SLACK_S * 1e9)
+#: Request region plans (per model, output mask and input shapes) a front-end keeps at most.
+MAX_REGION_PLANS = 256
+
+#: a request region's total size, each input's data offset, and its header and descriptors
+RegionPlan = tuple[int, list[int], bytes]
 
 
 class ShmGateway:
@@ -86,6 +91,11 @@ class ShmGateway:
         self.index = {s.name: i for i, s in enumerate(handles.specs)}
         # per model index: its input checks, prepared once (they run on every request)
         self._checks = [InputChecks(s) for s in handles.specs]
+        #: (model, output mask, input shapes) -> a request region's size, data offsets and header
+        #: bytes: requests of a model mostly come in a few shapes, and the header is the same for all
+        self._regions: dict[tuple[object, ...], RegionPlan] = {}
+        #: where this front-end publishes its in-flight count on the board (once per request)
+        self._inflight_at = handles.layout.frontend(handles.f, F_INFLIGHT)
         self._control: Segment | None = None
         self._arena: Arena | None = None
         self._links: list[WorkerLink] = []
@@ -116,7 +126,7 @@ class ShmGateway:
 
     def _publish_inflight(self) -> None:
         if self._control is not None:
-            self._control.store_u64(self.layout.frontend(self.h.f, F_INFLIGHT), len(self._pending))
+            self._control.store_u64(self._inflight_at, len(self._pending))
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Attach shared memory, take the pairs with every worker and listen for completions."""
@@ -297,19 +307,16 @@ class ShmGateway:
         link = self._pick(m, model)
         arena = self._arena
         assert arena is not None
-        nbytes = [entry[3] for entry in ordered]
-        total, offs = region_layout(nbytes)
+        key = (m, mask, *[entry[2] for entry in ordered])
+        plan = self._regions.get(key)
+        if plan is None:
+            plan = self._plan_region(key, mask, ordered)
+        total, offs, head = plan
         region = arena.try_alloc(total) if total <= arena.max_block else -1
         if region < 0:
             raise ResourceExhausted("front-end arena is full; retry later")
         try:
-            pack_region_head(
-                arena.view(region, HEADER_BYTES + TENSOR_DESC.size * len(ordered)).data,
-                REQ_MAGIC,
-                0,
-                mask,
-                [(code, shape, offs[j], nbytes[j]) for j, (code, _, shape, _) in enumerate(ordered)],
-            )
+            arena.write(region, head)
             for j, (_, item, _, _) in enumerate(ordered):
                 arena.write(region + offs[j], item.data)
         except BaseException:
@@ -335,6 +342,26 @@ class ShmGateway:
             # the worker itself would have, and free the region when the worker finally reports back.
             self._deadlines.watch(deadline_ns + _DEADLINE_SLACK_NS, req_id)
         return req_id, future
+
+    def _plan_region(
+        self, key: tuple[object, ...], mask: int, ordered: list[tuple[int, InferInput, tuple[int, ...], int]]
+    ) -> RegionPlan:
+        """The region of a request of these checked inputs: its size, data offsets and header."""
+        nbytes = [entry[3] for entry in ordered]
+        total, offs = region_layout(nbytes)
+        head = bytearray(HEADER_BYTES + TENSOR_DESC.size * len(ordered))
+        pack_region_head(
+            memoryview(head),
+            REQ_MAGIC,
+            0,
+            mask,
+            [(code, shape, offs[j], nbytes[j]) for j, (code, _, shape, _) in enumerate(ordered)],
+        )
+        plan = (total, offs, bytes(head))
+        if len(self._regions) >= MAX_REGION_PLANS:
+            self._regions.clear()  # a client cycling through shapes: start over rather than grow
+        self._regions[key] = plan
+        return plan
 
     def _expire(self, req_id: int) -> None:
         entry = self._pending.get(req_id)

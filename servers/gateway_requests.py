@@ -20,6 +20,8 @@ from servers.gateway_api import InferInput
 
 #: Most elements one input tensor may have, whatever its shape says.
 MAX_ELEMENTS = 1 << 40
+#: Shapes of requests that passed, remembered per model input at most.
+MAX_KNOWN_SHAPES = 64
 
 
 class InputChecks:
@@ -27,7 +29,7 @@ class InputChecks:
     code, full shape and item size (the gateway checks every request against these, so nothing is
     looked up or rebuilt per request)."""
 
-    __slots__ = ("names", "spec", "tensors")
+    __slots__ = ("_known", "names", "spec", "tensors")
 
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
@@ -42,6 +44,11 @@ class InputChecks:
             )
             for t in spec.inputs
         )
+        #: per input, (datatype, shape as given) -> (shape, byte count) of the shapes of requests that
+        #: passed: clients send the same few shapes, and a hit skips the per-dimension checks
+        self._known: tuple[dict[tuple[object, ...], tuple[tuple[int, ...], int]], ...] = tuple(
+            {} for _ in spec.inputs
+        )
 
     def check(self, inputs: Sequence[InferInput]) -> list[tuple[int, InferInput, tuple[int, ...], int]]:
         """See `validate_inputs`; each entry also carries the input's byte count."""
@@ -52,40 +59,40 @@ class InputChecks:
         else:
             items = self._reorder(inputs)
         ordered = []
+        learned = []
         rows = None
-        for item, (name, datatype, code, want, itemsize) in zip(items, self.tensors, strict=True):
-            if item.datatype != datatype:
-                raise InvalidArgument(
-                    f"input {name!r}: datatype {item.datatype} does not match the model's {datatype}"
-                )
-            shape = tuple(map(int, item.shape))
-            if len(shape) != len(want) or len(shape) > MAX_RANK:
-                raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
-            count = 1
-            for d, w in zip(shape, want, strict=True):
-                if d < 0:
-                    raise InvalidArgument(f"input {name!r}: negative dimension in shape {list(shape)}")
-                if w != -1 and d != w:
-                    raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
-                count *= d
-                if count > MAX_ELEMENTS:
-                    raise InvalidArgument(f"input {name!r}: shape {list(shape)} is too large")
+        for item, tensor, known in zip(items, self.tensors, self._known, strict=True):
+            key = (item.datatype, item.shape)
+            try:
+                seen = known.get(key)
+                hashable = True
+            except TypeError:  # an unhashable dimension: the full checks say what is wrong with it
+                seen, hashable = None, False
+            if seen is None:
+                seen = _check_shape(item, tensor)
+                if hashable:
+                    learned.append((known, key, seen))
+            shape, expected = seen
             nbytes = buffer_nbytes(item.data)
-            if nbytes != count * itemsize:
+            if nbytes != expected:
                 raise InvalidArgument(
-                    f"input {name!r}: {nbytes} bytes given, shape {list(shape)} of {datatype} "
-                    f"needs {count * itemsize}"
+                    f"input {tensor[0]!r}: {nbytes} bytes given, shape {list(shape)} of {tensor[1]} "
+                    f"needs {expected}"
                 )
             if spec.max_batch_size > 0:
                 if rows is None:
                     rows = shape[0]
                 elif shape[0] != rows:
                     raise InvalidArgument("inputs disagree on the batch size (first dimension)")
-            ordered.append((code, item, shape, nbytes))
+            ordered.append((tensor[2], item, shape, nbytes))
         if spec.max_batch_size > 0 and rows is not None and not 1 <= rows <= spec.max_batch_size:
             raise InvalidArgument(
                 f"batch size {rows} is outside 1..{spec.max_batch_size} (max_batch_size of {spec.name!r})"
             )
+        for known, key, seen in learned:  # only shapes of a request that passed every check
+            if len(known) >= MAX_KNOWN_SHAPES:
+                known.clear()  # a client cycling through shapes: start over rather than grow
+            known[key] = seen
         return ordered
 
     def _reorder(self, inputs: Sequence[InferInput]) -> list[InferInput]:
@@ -104,6 +111,31 @@ class InputChecks:
         if by_name:
             raise InvalidArgument(f"model {self.spec.name!r} has no input {next(iter(by_name))!r}")
         return items
+
+
+def _check_shape(
+    item: InferInput, tensor: tuple[str, str, int, tuple[int, ...], int]
+) -> tuple[tuple[int, ...], int]:
+    """An input's datatype and shape against the model's ``tensor`` (name, datatype, dtype code, full
+    shape, item size): the shape as ints and the byte count it needs. Raises InvalidArgument."""
+    name, datatype, _, want, itemsize = tensor
+    if item.datatype != datatype:
+        raise InvalidArgument(
+            f"input {name!r}: datatype {item.datatype} does not match the model's {datatype}"
+        )
+    shape = tuple(map(int, item.shape))
+    if len(shape) != len(want) or len(shape) > MAX_RANK:
+        raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
+    count = 1
+    for d, w in zip(shape, want, strict=True):
+        if d < 0:
+            raise InvalidArgument(f"input {name!r}: negative dimension in shape {list(shape)}")
+        if w != -1 and d != w:
+            raise InvalidArgument(f"input {name!r}: shape {list(shape)} does not match {list(want)}")
+        count *= d
+        if count > MAX_ELEMENTS:
+            raise InvalidArgument(f"input {name!r}: shape {list(shape)} is too large")
+    return shape, count * itemsize
 
 
 def validate_inputs(

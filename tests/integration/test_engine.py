@@ -179,6 +179,27 @@ def test_requested_outputs_only(shared_engine: Any, rng: np.random.Generator) ->
     np.testing.assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
 
 
+def test_region_plans_follow_shapes_and_output_masks(shared_engine: Any, rng: np.random.Generator) -> None:
+    # a request region's size, offsets and header are planned once per (model, output mask, shapes):
+    # each mix of those must still get its own, and the plans stay bounded
+    from servers.gateway import MAX_REGION_PLANS
+
+    jobs = [(rows, outputs) for rows in (1, 3, 2) for outputs in (None, ["OUTPUT1"], ["OUTPUT0"])] * 2
+    for rows, outputs in jobs:
+        arrays = simple_inputs(rng, rows)
+        out = shared_engine.run(infer(shared_engine.gateway, "simple", arrays, outputs=outputs))
+        assert set(out) == set(outputs or ["OUTPUT0", "OUTPUT1"])
+        if "OUTPUT0" in out:
+            np.testing.assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
+        if "OUTPUT1" in out:
+            np.testing.assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
+    for width in range(1, MAX_REGION_PLANS + 40):
+        x = rng.standard_normal((1, width), dtype=np.float32)
+        out = shared_engine.run(infer(shared_engine.gateway, "identity", {"INPUT0": x}))
+        np.testing.assert_array_equal(out["OUTPUT0"], x)
+    assert len(shared_engine.gateway._regions) <= MAX_REGION_PLANS
+
+
 # ---- a model that raises -------------------------------------------------------------------------
 
 

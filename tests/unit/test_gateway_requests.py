@@ -3,13 +3,15 @@ per model (`InputChecks`), and the output mask."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
 from engine.errors import InvalidArgument
 from engine.models.spec import ModelSpec, TensorSpec
 from servers.gateway_api import InferInput
-from servers.gateway_requests import InputChecks, output_mask, validate_inputs
+from servers.gateway_requests import MAX_KNOWN_SHAPES, InputChecks, output_mask, validate_inputs
 
 BATCHED = ModelSpec(
     name="pair",
@@ -64,27 +66,50 @@ def test_a_model_without_batching_takes_exactly_its_shape() -> None:
         InputChecks(FIXED).check([InferInput("IN", "UINT8", (1, 2, 3), bytes(6))])
 
 
-@pytest.mark.parametrize(
-    ("inputs", "message"),
-    [
-        ([a_input()], "needs input 'B'"),
-        ([a_input(), b_input(), a_input(name="C")], "has no input 'C'"),
-        ([a_input(), a_input(), b_input()], "given twice"),
-        ([a_input(), InferInput("B", "FP32", (3, 5, 2), bytes(120))], "datatype FP32 does not match"),
-        ([a_input(), InferInput("B", "INT32", (3, 10), bytes(120))], "does not match"),
-        ([InferInput("A", "FP32", (3, 5), bytes(60)), b_input()], "does not match"),
-        ([a_input(), InferInput("B", "INT32", (3, -5, 2), b"")], "negative dimension"),
-        ([a_input(), InferInput("B", "INT32", (3, 1 << 30, 1 << 30), b"")], "shape .* does not match"),
-        ([a_input(), InferInput("B", "INT32", (3, 1 << 40, 2), b"")], "too large"),
-        ([a_input(), InferInput("B", "INT32", (3, 5, 2), bytes(119))], "119 bytes given"),
-        ([a_input(3), b_input(2)], "disagree on the batch size"),
-        ([a_input(9), b_input(9)], "batch size 9 is outside 1..8"),
-        ([a_input(0), b_input(0)], "batch size 0 is outside 1..8"),
-    ],
-)
+REFUSALS: list[tuple[list[InferInput], str]] = [
+    ([a_input()], "needs input 'B'"),
+    ([a_input(), b_input(), a_input(name="C")], "has no input 'C'"),
+    ([a_input(), a_input(), b_input()], "given twice"),
+    ([a_input(), InferInput("B", "FP32", (3, 5, 2), bytes(120))], "datatype FP32 does not match"),
+    ([a_input(), InferInput("B", "INT32", (3, 10), bytes(120))], "does not match"),
+    ([InferInput("A", "FP32", (3, 5), bytes(60)), b_input()], "does not match"),
+    ([a_input(), InferInput("B", "INT32", (3, -5, 2), b"")], "negative dimension"),
+    ([a_input(), InferInput("B", "INT32", (3, 1 << 30, 1 << 30), b"")], "shape .* does not match"),
+    ([a_input(), InferInput("B", "INT32", (3, 1 << 40, 2), b"")], "too large"),
+    ([a_input(), InferInput("B", "INT32", (3, 5, 2), bytes(119))], "119 bytes given"),
+    ([a_input(3), b_input(2)], "disagree on the batch size"),
+    ([a_input(9), b_input(9)], "batch size 9 is outside 1..8"),
+    ([a_input(0), b_input(0)], "batch size 0 is outside 1..8"),
+]
+
+
+@pytest.mark.parametrize(("inputs", "message"), REFUSALS)
 def test_refusals_name_what_is_wrong(inputs: list[InferInput], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         InputChecks(BATCHED).check(inputs)
+
+
+@pytest.mark.parametrize(("inputs", "message"), REFUSALS)
+def test_refusals_are_the_same_once_the_shapes_are_known(inputs: list[InferInput], message: str) -> None:
+    # shapes that passed are remembered per input (a hit skips the per-dimension checks): a hit
+    # must still refuse a wrong byte count, a batch size out of range or inputs that disagree
+    checks = InputChecks(BATCHED)
+    for rows in (2, 3, 9, 0):
+        with contextlib.suppress(InvalidArgument):  # 9 and 0 are refused: nothing of theirs is kept
+            checks.check([a_input(rows), b_input(rows)])
+    assert {shape for known in checks._known for _, shape in known} == {(2, 4), (3, 4), (2, 5, 2), (3, 5, 2)}
+    with pytest.raises(InvalidArgument, match=message):
+        checks.check(inputs)
+
+
+def test_known_shapes_stay_bounded_and_answers_stay_right() -> None:
+    checks = InputChecks(BATCHED)
+    for cols in range(1, 201):
+        first, again = (checks.check([a_input(1), b_input(1, cols)]) for _ in range(2))
+        assert first[1][2:] == again[1][2:] == ((1, cols, 2), cols * 8)
+        with pytest.raises(InvalidArgument, match="bytes given"):
+            checks.check([a_input(1), InferInput("B", "INT32", (1, cols, 2), bytes(cols * 8 - 1))])
+    assert 0 < len(checks._known[1]) <= MAX_KNOWN_SHAPES
 
 
 def test_validate_inputs_is_the_prepared_check() -> None:
