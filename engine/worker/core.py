@@ -43,7 +43,7 @@ from engine.shm import (
 from engine.worker.batcher import Batcher
 from engine.worker.breaker import CLOSED, STATE_NAMES, CircuitBreaker
 from engine.worker.peers import Peer
-from engine.worker.regions import OutputRegion, Pending, parse_request, write_outputs
+from engine.worker.regions import OutputRegion, Pending, RequestPlan, parse_request, write_outputs
 from engine.worker.stats import add_stat, count_batch
 from ext.arena import Arena
 from ext.notify import EventNotifier, WakeWord, wait_rings
@@ -122,6 +122,8 @@ class WorkerCore:
         self._gap_ns = [0.0] * len(self.specs)
         self._last_arrival = [0] * len(self.specs)
         self.regions: dict[int, OutputRegion] = {}
+        #: per model, the request headers checked before (`engine.worker.regions.plan_request`)
+        self._plans: list[dict[bytes, RequestPlan]] = [{} for _ in self.specs]
         self._buf = np.empty(256, dtype=DESC_DTYPE)
         self._active: list[Peer] = []
         self._to_wake: set[int] = set()
@@ -256,6 +258,7 @@ class WorkerCore:
                 deadline,
                 model,
                 now,
+                self._plans[model],
             )
         except EngineError as err:
             self._respond_error(peer.f, req_id, model, err)

@@ -9,9 +9,11 @@ layouts are drawn in `engine.shm`.
 from __future__ import annotations
 
 import functools
+import math
 import struct
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -65,39 +67,28 @@ class OutputRegion:
     holders: dict[int, int]  # front-end index -> requests of the batch it still has to release
 
 
-def parse_request(
-    arena: Arena,
-    f: int,
-    fgen: int,
-    spec: ModelSpec,
-    req_id: int,
-    offset: int,
-    length: int,
-    deadline: int,
-    model: int,
-    now: int,
-) -> Pending:
-    """Check the request region at ``offset`` of front-end ``f``'s ``arena`` against ``spec``.
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What a request region's header and descriptors say, checked against the model: the same for
+    every request of the same shapes, so a worker checks each header it has not seen once."""
 
-    Args:
-        arena: the input arena of front-end ``f``'s incarnation ``fgen``.
-        length: the region's length as the descriptor gives it; no tensor may run past it.
+    rows: int
+    group: Hashable
+    output_mask: int
+    #: per input: name, data offset in the region, shape, numpy dtype, end of its data
+    inputs: tuple[tuple[str, int, tuple[int, ...], np.dtype[Any], int], ...]
 
-    Returns:
-        The request, its inputs viewed in place in ``arena``.
 
-    Raises:
-        InvalidArgument: the region does not match the model (magic, input count, dtype, rank, byte
-            count, batch dimension). A malformed view raises IndexError or ValueError.
-    """
-    expected = len(spec.inputs)
-    head = _request_head(expected)
-    if head.size > length:
-        raise InvalidArgument("request region shorter than its header")
-    # header and every descriptor in one unpack: one view, no structured-array element per input
-    fields = head.unpack_from(arena.view(offset, head.size).data)
+#: Request headers a worker keeps the plans of, per model, at most.
+MAX_REQUEST_PLANS = 256
+
+
+def plan_request(head: bytes, spec: ModelSpec) -> RequestPlan:
+    """Check a request region's header and descriptors (``head``, `_request_head`'s size for the
+    model) against ``spec``. Raises InvalidArgument (or ValueError for a shape numpy refuses)."""
+    fields = _request_head(len(spec.inputs)).unpack(head)
     magic, n, _flags, mask = fields[0], fields[1], fields[2], fields[3]
-    if magic != REQ_MAGIC or n != expected:
+    if magic != REQ_MAGIC or n != len(spec.inputs):
         raise InvalidArgument(f"bad request region (magic {magic:#x}, {n} inputs)")
     inputs = []
     rows = 1
@@ -108,12 +99,12 @@ def parse_request(
         if CODE_TO_DTYPE.get(code) != tspec.datatype or not 0 <= ndim <= 8:
             raise InvalidArgument(f"input {tspec.name}: bad dtype code {code} or rank {ndim}")
         shape = fields[at + 6 : at + 6 + ndim]
-        if d_off + nbytes > length:
-            raise InvalidArgument(f"input {tspec.name}: data runs past the request region")
-        arr = arena.view(offset + d_off, shape, tspec.dtype)
-        if arr.nbytes != nbytes:
+        if min(shape, default=0) < 0:
+            raise ValueError(f"negative dimension in {list(shape)}")
+        dtype = tspec.dtype
+        if math.prod(shape) * dtype.itemsize != nbytes:
             raise InvalidArgument(f"input {tspec.name}: {nbytes} bytes for shape {list(shape)}")
-        inputs.append(arr)
+        inputs.append((tspec.name, d_off, shape, dtype, d_off + nbytes))
         if spec.max_batch_size > 0:
             if ndim == 0:
                 raise InvalidArgument(f"input {tspec.name}: a batching model needs a batch dimension")
@@ -126,16 +117,63 @@ def parse_request(
             dims_key.append(shape)
     if spec.max_batch_size > 0 and not 1 <= rows <= spec.max_batch_size:
         raise InvalidArgument(f"batch of {rows} rows exceeds max_batch_size {spec.max_batch_size}")
+    return RequestPlan(rows if spec.max_batch_size > 0 else 1, tuple(dims_key), mask, tuple(inputs))
+
+
+def parse_request(
+    arena: Arena,
+    f: int,
+    fgen: int,
+    spec: ModelSpec,
+    req_id: int,
+    offset: int,
+    length: int,
+    deadline: int,
+    model: int,
+    now: int,
+    plans: dict[bytes, RequestPlan] | None = None,
+) -> Pending:
+    """Check the request region at ``offset`` of front-end ``f``'s ``arena`` against ``spec``.
+
+    Args:
+        arena: the input arena of front-end ``f``'s incarnation ``fgen``.
+        length: the region's length as the descriptor gives it; no tensor may run past it.
+        plans: the plans of headers seen before (for this model), which this call adds to: a
+            front-end writes the same header for every request of the same shapes.
+
+    Returns:
+        The request, its inputs viewed in place in ``arena``.
+
+    Raises:
+        InvalidArgument: the region does not match the model (magic, input count, dtype, rank, byte
+            count, batch dimension). A malformed view raises IndexError or ValueError.
+    """
+    size = _request_head(len(spec.inputs)).size
+    if size > length:
+        raise InvalidArgument("request region shorter than its header")
+    head = bytes(arena.view(offset, size).data)
+    plan = plans.get(head) if plans is not None else None
+    if plan is None:
+        plan = plan_request(head, spec)
+        if plans is not None:
+            if len(plans) >= MAX_REQUEST_PLANS:
+                plans.clear()  # a front-end cycling through shapes: start over rather than grow
+            plans[head] = plan
+    inputs = []
+    for name, d_off, shape, dtype, end in plan.inputs:
+        if end > length:
+            raise InvalidArgument(f"input {name}: data runs past the request region")
+        inputs.append(arena.view(offset + d_off, shape, dtype))
     return Pending(
         f=f,
         fgen=fgen,
         req_id=req_id,
         model=model,
-        rows=rows if spec.max_batch_size > 0 else 1,
-        group=tuple(dims_key),
+        rows=plan.rows,
+        group=plan.group,
         deadline_ns=deadline,
         arrival_ns=now,
-        output_mask=mask,
+        output_mask=plan.output_mask,
         inputs=inputs,
     )
 

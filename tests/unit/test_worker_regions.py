@@ -19,7 +19,7 @@ from engine.models import builtin_repository
 from engine.models.repository import load_repository
 from engine.models.spec import ModelSpec
 from engine.shm import HEADER_BYTES, REQ_MAGIC, RES_MAGIC, TENSOR_DESC, pack_region_head, region_layout
-from engine.worker.regions import parse_request, write_outputs
+from engine.worker.regions import MAX_REQUEST_PLANS, RequestPlan, parse_request, write_outputs
 from ext.arena import Arena
 from ext.segment import Segment
 
@@ -63,8 +63,10 @@ def write_region(
     return offset, total
 
 
-def parse(arena: Arena, spec: ModelSpec, offset: int, length: int) -> Any:
-    return parse_request(arena, 0, 1, spec, 7, offset, length, 0, 0, 123)
+def parse(
+    arena: Arena, spec: ModelSpec, offset: int, length: int, plans: dict[bytes, RequestPlan] | None = None
+) -> Any:
+    return parse_request(arena, 0, 1, spec, 7, offset, length, 0, 0, 123, plans)
 
 
 def pair(rows: int = 2) -> list[np.ndarray]:
@@ -109,6 +111,63 @@ def test_a_malformed_region_is_refused(arena: Arena, simple: ModelSpec, case: st
     offset, total = write_region(arena, x, **change(_descs(x)))
     with pytest.raises(InvalidArgument, match=message):
         parse(arena, simple, offset, total)
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_a_malformed_region_is_refused_beside_known_headers(
+    arena: Arena, simple: ModelSpec, case: str
+) -> None:
+    # a worker keeps the plans of headers it checked (a front-end writes the same one for every
+    # request of the same shapes): a malformed one is still refused, and not remembered
+    plans: dict[bytes, RequestPlan] = {}
+    for rows in (1, 2):
+        x = pair(rows)
+        parse(arena, simple, *write_region(arena, x), plans)
+    known = dict(plans)
+    assert len(known) == 2
+    x = pair(2)
+    change, message = BAD[case]
+    offset, total = write_region(arena, x, **change(_descs(x)))
+    with pytest.raises(InvalidArgument, match=message):
+        parse(arena, simple, offset, total, plans)
+    if case == "data past the region":
+        assert len(plans) == 3  # the header is fine: it is the region's length that is too short
+    else:
+        assert plans == known
+
+
+def test_a_known_header_still_views_its_own_region_within_its_length(arena: Arena, simple: ModelSpec) -> None:
+    plans: dict[bytes, RequestPlan] = {}
+    regions = [(x, *write_region(arena, x)) for x in (pair(2), [a + 100 for a in pair(2)])]
+    for x, offset, total in regions:
+        p = parse(arena, simple, offset, total, plans)
+        for got, want in zip(p.inputs, x, strict=True):
+            np.testing.assert_array_equal(got, want)
+    assert len(plans) == 1
+    _, offset, total = regions[0]
+    with pytest.raises(InvalidArgument, match="runs past"):
+        parse(arena, simple, offset, total - 64, plans)  # the length is the descriptor's, per request
+
+
+def test_known_headers_stay_bounded(arena: Arena) -> None:
+    spec: ModelSpec = load_repository(builtin_repository()).specs["identity"]
+    plans: dict[bytes, RequestPlan] = {}
+    for width in range(1, MAX_REQUEST_PLANS + 40):
+        x = np.arange(width, dtype=np.float32)[None]
+        total, offs = region_layout([x.nbytes])
+        offset = arena.try_alloc(total)
+        pack_region_head(
+            arena.view(offset, HEADER_BYTES + TENSOR_DESC.size).data,
+            REQ_MAGIC,
+            0,
+            0,
+            [(DTYPE_CODES["FP32"], x.shape, offs[0], x.nbytes)],
+        )
+        arena.write(offset + offs[0], x)
+        p = parse(arena, spec, offset, total, plans)
+        np.testing.assert_array_equal(p.inputs[0], x)
+        arena.free(offset)
+    assert 0 < len(plans) <= MAX_REQUEST_PLANS
 
 
 def test_a_rank_over_8_is_refused(arena: Arena, simple: ModelSpec) -> None:
