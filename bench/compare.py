@@ -226,8 +226,8 @@ def ratios(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _protocol(result: dict[str, Any]) -> str:
     client = result.get("client")
-    if result["protocol"] == "grpc" and client:
-        return f"grpc ({'grpc.aio' if client == 'grpcio' else client} client)"
+    if result["protocol"] in ("grpc", "zmq") and client:
+        return f"{result['protocol']} ({'grpc.aio' if client == 'grpcio' else client} client)"
     return str(result["protocol"])
 
 

@@ -32,7 +32,7 @@ from bench.load_profile import CpuMeter, Profiler, batch_delta, engine_model_sta
 from bench.load_runner import LoadSpec, PhaseResult
 from bench.load_server import Endpoints, launched_server
 from bench.load_stats import Recorder, summary
-from bench.load_targets import ENDPOINT_OF, GRPC_CLIENTS, PROTOCOLS
+from bench.load_targets import ENDPOINT_OF, GRPC_CLIENTS, PROTOCOLS, ZMQ_CLIENTS
 from bench.output import write_json  # re-exported: callers use bench.load.write_json
 from engine.gc_tuning import settle_heap
 
@@ -155,7 +155,7 @@ def measure(
     elapsed = sum(p.elapsed_s for p in phases) if spec.burst is not None else phases[0].elapsed_s
     result: dict[str, Any] = {
         "protocol": spec.protocol,
-        "client": spec.grpc_client if spec.protocol == "grpc" else spec.protocol,
+        "client": {"grpc": spec.grpc_client, "zmq": spec.zmq_client}.get(spec.protocol, spec.protocol),
         "model": spec.model,
         "mode": spec.mode,
         "concurrency": spec.slots,
@@ -229,7 +229,7 @@ def _ms(value: float | None) -> str:
 
 def _client_note(result: dict[str, Any]) -> str:
     client = result.get("client")
-    return f" ({client} client)" if result["protocol"] == "grpc" and client else ""
+    return f" ({client} client)" if result["protocol"] in ("grpc", "zmq") and client else ""
 
 
 def format_result(result: dict[str, Any]) -> str:
@@ -313,6 +313,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="h2",
         help="gRPC load client: h2 (HTTP/2 by hand, little client CPU) or grpcio (grpc.aio); default h2",
     )
+    add(
+        "--zmq-client",
+        choices=ZMQ_CLIENTS,
+        default="zmtp",
+        help="ZMQ load client: zmtp (a DEALER spoken by hand, little client CPU) or pyzmq (libzmq); "
+        "default zmtp",
+    )
     add("--check-every", type=int, default=100, metavar="K", help="check one answer in K; default 100")
     add("--url", metavar="HOST:PORT", help="an existing server's endpoint (default: launch the engine)")
     add(
@@ -358,6 +365,7 @@ def spec_from_args(args: argparse.Namespace) -> tuple[LoadSpec, int]:
         timeout_s=args.timeout,
         check_every=args.check_every,
         grpc_client=args.grpc_client,
+        zmq_client=args.zmq_client,
     )
     return spec, int(values["procs"])
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from bench.load_payload import Payload
 from bench.load_stats import WRONG_ANSWER, Recorder, intended_send_ns, split, tickets_in
-from bench.load_targets import GRPC_CLIENTS, PROTOCOLS, Call, Target, make_target
+from bench.load_targets import GRPC_CLIENTS, PROTOCOLS, ZMQ_CLIENTS, Call, Target, make_target
 
 now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
 
@@ -46,6 +46,7 @@ class LoadSpec:
         timeout_s: per-request timeout.
         check_every: one answer in this many is compared with the expected output.
         grpc_client: the gRPC load client, ``h2`` (lean, HTTP/2 by hand) or ``grpcio`` (grpc.aio).
+        zmq_client: the ZMQ load client, ``zmtp`` (a DEALER by hand) or ``pyzmq`` (libzmq).
     """
 
     protocol: str = "grpc"
@@ -59,6 +60,7 @@ class LoadSpec:
     timeout_s: float = 30.0
     check_every: int = 100
     grpc_client: str = "h2"
+    zmq_client: str = "zmtp"
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -66,6 +68,9 @@ class LoadSpec:
         if self.grpc_client not in GRPC_CLIENTS:
             choices = ", ".join(GRPC_CLIENTS)
             raise ValueError(f"grpc_client must be one of {choices}, got {self.grpc_client!r}")
+        if self.zmq_client not in ZMQ_CLIENTS:
+            choices = ", ".join(ZMQ_CLIENTS)
+            raise ValueError(f"zmq_client must be one of {choices}, got {self.zmq_client!r}")
         if self.concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {self.concurrency}")
         if self.burst is not None and self.burst < 1:
@@ -234,7 +239,7 @@ class Session:
         """Connect, and warm up (unmeasured) for ``spec.warmup_s``."""
         spec = self.spec
         self._target = make_target(
-            spec.protocol, self.address, self.payload, spec.timeout_s, spec.grpc_client
+            spec.protocol, self.address, self.payload, spec.timeout_s, spec.grpc_client, spec.zmq_client
         )
         await self._target.open()
         self._calls = [self._target.slot() for _ in range(spec.slots)]

@@ -18,7 +18,7 @@ import asyncio
 import itertools
 import re
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -36,9 +36,15 @@ ENDPOINT_OF = {"grpc": "grpc", "zmq": "zmq", "rest": "rest"}
 #: gRPC load clients: ``h2``, HTTP/2 spoken by hand (`bench.grpc_h2_client`, ~4x less client CPU per
 #: call), or ``grpcio``, grpc.aio (grpc core: what most Python services call with)
 GRPC_CLIENTS = ("h2", "grpcio")
+#: ZMQ load clients: ``zmtp``, a DEALER spoken by hand (`bench.zmtp_client`, about half the client CPU
+#: per request), or ``pyzmq`` (libzmq: what the engine's own ZMQ clients use)
+ZMQ_CLIENTS = ("zmtp", "pyzmq")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
+_U64_LE = struct.Struct("<Q")
+#: a ZMQ message's frames, as either client hands them over
+Frames = Sequence[bytes | memoryview]
 _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 _HEADER_LENGTH = re.compile(rb"(?i)\r\ninference-header-content-length:\s*(\d+)")
 
@@ -72,16 +78,26 @@ class Target:
 
 
 def make_target(
-    protocol: str, address: str, payload: Payload, timeout_s: float = 30.0, grpc_client: str = "h2"
+    protocol: str,
+    address: str,
+    payload: Payload,
+    timeout_s: float = 30.0,
+    grpc_client: str = "h2",
+    zmq_client: str = "zmtp",
 ) -> Target:
-    """The `Target` for ``protocol`` (``grpc``, ``zmq`` or ``rest``); gRPC through ``grpc_client``."""
+    """The `Target` for ``protocol`` (``grpc``, ``zmq`` or ``rest``); gRPC through ``grpc_client``,
+    ZMQ through ``zmq_client``."""
     classes: dict[str, type[Target]] = {"grpc": GrpcTarget, "zmq": ZmqTarget, "rest": RestTarget}
     if protocol not in classes:
         raise ValueError(f"unknown protocol {protocol!r}; one of {', '.join(PROTOCOLS)}")
     if grpc_client not in GRPC_CLIENTS:
         raise ValueError(f"unknown gRPC client {grpc_client!r}; one of {', '.join(GRPC_CLIENTS)}")
+    if zmq_client not in ZMQ_CLIENTS:
+        raise ValueError(f"unknown ZMQ client {zmq_client!r}; one of {', '.join(ZMQ_CLIENTS)}")
     if protocol == "grpc" and grpc_client == "h2":
         return GrpcH2Target(address, payload, timeout_s)
+    if protocol == "zmq" and zmq_client == "zmtp":
+        return ZmtpTarget(address, payload, timeout_s)
     return classes[protocol](address, payload, timeout_s)
 
 
@@ -223,26 +239,16 @@ class GrpcH2Target(Target):
 # ---- ZMQ -----------------------------------------------------------------------------------------
 
 
-class ZmqTarget(Target):
-    """The ZMQ front-end over one DEALER socket: prebuilt frames, replies matched by request id."""
+class _ZmqTarget(Target):
+    """What both ZMQ load clients share: prebuilt frames (only the 8-byte request id patched into a
+    copy of the header per request), replies matched to requests by id, one sweep timer for every
+    request's timeout."""
 
     protocol = "zmq"
 
-    async def open(self) -> None:
-        import zmq
-
+    def _prepare(self) -> None:
         from servers.zmq_protocol import MsgType, encode_request
 
-        # A plain socket read by the event loop (as the server's), not zmq.asyncio: its futures and
-        # per-call event registration cost the client half its CPU per request on 2 shared cores.
-        self._zmq = zmq
-        self._ctx: Any = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.SNDHWM, 100_000)
-        self._sock.setsockopt(zmq.RCVHWM, 100_000)
-        address = self.address if "://" in self.address else f"tcp://{self.address}"
-        self._sock.connect(address)
         frames = encode_request(
             0, self.payload.model, self.payload.inputs, timeout_us=int(self.timeout_s * 1e6)
         )
@@ -250,79 +256,45 @@ class ZmqTarget(Target):
         self._tensors = [bytes(f) for f in frames[1:]]
         self._reply_type = int(MsgType.REPLY)
         self._ids = itertools.count(1)
-        self._pending: dict[int, asyncio.Future[list[bytes]]] = {}
+        self._pending: dict[int, asyncio.Future[Frames]] = {}
         #: send time (loop clock) of every request not yet answered, in send order
         self._sent_at: dict[int, float] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_s = max(0.01, self.timeout_s / 8)
         self._loop = asyncio.get_running_loop()
-        self._fd = int(self._sock.getsockopt(zmq.FD))
-        self._read_scheduled = False
-        self._loop.add_reader(self._fd, self._read)
-        self._read()
 
-    def _read(self) -> None:
-        """Take every reply waiting (ZMQ_FD is edge-triggered: read until EAGAIN)."""
-        self._read_scheduled = False
-        sock, pending, again, noblock = self._sock, self._pending, self._zmq.Again, self._zmq.NOBLOCK
-        if sock.closed:
+    def _request(self) -> tuple[bytearray, asyncio.Future[Frames]]:
+        """A new request: its header (the request id patched in) and the future of its reply."""
+        request_id = next(self._ids)
+        head = bytearray(self._header)
+        _U64_LE.pack_into(head, 8, request_id)
+        future: asyncio.Future[Frames] = self._loop.create_future()
+        self._pending[request_id] = future
+        self._sent_at[request_id] = self._loop.time()
+        return head, future
+
+    def _outcome(self, frames: Frames, check: bool) -> str | None:
+        """None for a good reply; otherwise (or when asked to ``check`` it) what `_zmq_outcome` says."""
+        if frames[0][5] != self._reply_type or check:
+            return _zmq_outcome(frames, self.payload)
+        return None
+
+    def _answer(self, frames: Frames) -> None:
+        """A reply came: its request's call returns."""
+        if not frames or len(frames[0]) < 16:
             return
-        for _ in range(256):
-            try:
-                frames = sock.recv_multipart(noblock)
-            except again:
-                return
-            if not frames or len(frames[0]) < 16:
-                continue
-            (request_id,) = struct.unpack_from("<Q", frames[0], 8)
-            self._sent_at.pop(request_id, None)
-            future = pending.pop(request_id, None)
-            if future is not None and not future.done():
-                future.set_result(frames)
-        self._schedule_read()
+        (request_id,) = _U64_LE.unpack_from(frames[0], 8)
+        self._sent_at.pop(request_id, None)
+        future = self._pending.pop(request_id, None)
+        if future is not None and not future.done():
+            future.set_result(frames)
 
-    def _schedule_read(self) -> None:
-        if not self._read_scheduled:
-            self._read_scheduled = True
-            self._loop.call_soon(self._read)
-
-    def slot(self) -> Call:
-        loop = asyncio.get_running_loop()
-        header, tensors, sock, pending = self._header, self._tensors, self._sock, self._pending
-        ids, payload, reply_type = self._ids, self.payload, self._reply_type
-        events, pollin = self._zmq.EVENTS, int(self._zmq.POLLIN)
-        # plain int flags and one send per frame: send_multipart builds Flag enums per frame
-        more, last = int(self._zmq.SNDMORE) | int(self._zmq.NOBLOCK), int(self._zmq.NOBLOCK)
-        send, sent_at = sock.send, self._sent_at
+    def _start_sweeping(self) -> None:
         if self._sweeper is None:
-            self._sweeper = loop.call_later(self._sweep_s, self._sweep)
+            self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
 
-        async def call(check: bool) -> str | None:
-            request_id = next(ids)
-            head = bytearray(header)
-            struct.pack_into("<Q", head, 8, request_id)
-            future: asyncio.Future[list[bytes]] = loop.create_future()
-            pending[request_id] = future
-            sent_at[request_id] = loop.time()
-            try:
-                if tensors:
-                    send(head, more)
-                    for tensor in tensors[:-1]:
-                        send(tensor, more)
-                    send(tensors[-1], last)
-                else:
-                    send(head, last)
-                # a send can consume the edge of a reply that arrived meanwhile
-                if int(sock.getsockopt(events)) & pollin:
-                    self._schedule_read()
-                frames = await future
-            except TimeoutError:
-                return "TIMEOUT"
-            if frames[0][5] != reply_type or check:
-                return _zmq_outcome(frames, payload)
-            return None
-
-        return call
+    def _is_open(self) -> bool:
+        raise NotImplementedError
 
     def _sweep(self) -> None:
         # one timer for every request's timeout, not one per request: requests are sent in id
@@ -337,18 +309,142 @@ class ZmqTarget(Target):
             future = pending.pop(request_id, None)
             if future is not None and not future.done():
                 future.set_exception(TimeoutError())
-        if not self._sock.closed:
+        if self._is_open():
             self._sweeper = self._loop.call_later(self._sweep_s, self._sweep)
 
-    async def close(self) -> None:
+    def _stop_sweeping(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
+            self._sweeper = None
+
+
+class ZmqTarget(_ZmqTarget):
+    """The ZMQ front-end over one pyzmq DEALER socket (libzmq: the client most users have)."""
+
+    async def open(self) -> None:
+        import zmq
+
+        # A plain socket read by the event loop (as the server's), not zmq.asyncio: its futures and
+        # per-call event registration cost the client half its CPU per request on 2 shared cores.
+        self._prepare()
+        self._zmq = zmq
+        self._ctx: Any = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._sock.setsockopt(zmq.RCVHWM, 100_000)
+        address = self.address if "://" in self.address else f"tcp://{self.address}"
+        self._sock.connect(address)
+        self._fd = int(self._sock.getsockopt(zmq.FD))
+        self._read_scheduled = False
+        self._loop.add_reader(self._fd, self._read)
+        self._read()
+
+    def _is_open(self) -> bool:
+        return not self._sock.closed
+
+    def _read(self) -> None:
+        """Take every reply waiting (ZMQ_FD is edge-triggered: read until EAGAIN)."""
+        self._read_scheduled = False
+        sock, again, noblock = self._sock, self._zmq.Again, self._zmq.NOBLOCK
+        if sock.closed:
+            return
+        for _ in range(256):
+            try:
+                frames = sock.recv_multipart(noblock)
+            except again:
+                return
+            self._answer(frames)
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            self._loop.call_soon(self._read)
+
+    def slot(self) -> Call:
+        tensors, sock, request, outcome = self._tensors, self._sock, self._request, self._outcome
+        events, pollin = self._zmq.EVENTS, int(self._zmq.POLLIN)
+        # plain int flags and one send per frame: send_multipart builds Flag enums per frame
+        more, last = int(self._zmq.SNDMORE) | int(self._zmq.NOBLOCK), int(self._zmq.NOBLOCK)
+        send = sock.send
+        self._start_sweeping()
+
+        async def call(check: bool) -> str | None:
+            head, future = request()
+            try:
+                if tensors:
+                    send(head, more)
+                    for tensor in tensors[:-1]:
+                        send(tensor, more)
+                    send(tensors[-1], last)
+                else:
+                    send(head, last)
+                # a send can consume the edge of a reply that arrived meanwhile
+                if int(sock.getsockopt(events)) & pollin:
+                    self._schedule_read()
+                frames = await future
+            except TimeoutError:
+                return "TIMEOUT"
+            return outcome(frames, check)
+
+        return call
+
+    async def close(self) -> None:
+        self._stop_sweeping()
         self._loop.remove_reader(self._fd)
         self._sock.close(linger=0)  # a pending call_soon(_read) then returns at once
         self._ctx.term()
 
 
-def _zmq_outcome(frames: list[bytes], payload: Payload) -> str | None:
+class ZmtpTarget(_ZmqTarget):
+    """The ZMQ front-end over one connection of our own DEALER (`bench.zmtp_client`: ZMTP by hand,
+    every request of one loop iteration in one write; ~half pyzmq's client CPU per request)."""
+
+    async def open(self) -> None:
+        from bench.zmtp_client import connect
+
+        self._prepare()
+        host, _, port = self.address.rpartition("://")[2].rpartition(":")
+        self._conn = await connect(host.strip("[]") or "127.0.0.1", int(port), self._answer)
+        self._conn.closed.add_done_callback(self._lost)
+
+    def _is_open(self) -> bool:
+        return not self._conn.closed.done()
+
+    def _lost(self, _: asyncio.Future[BaseException | None]) -> None:
+        # the connection is gone: nothing pending will be answered
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the ZMQ connection closed"))
+        self._pending.clear()
+        self._sent_at.clear()
+
+    def slot(self) -> Call:
+        tensors, conn, request, outcome = self._tensors, self._conn, self._request, self._outcome
+        self._start_sweeping()
+
+        async def call(check: bool) -> str | None:
+            if conn.closed.done():
+                return "CONNECTION"
+            head, future = request()
+            conn.send((head, *tensors))
+            try:
+                frames = await future
+            except TimeoutError:
+                return "TIMEOUT"
+            except ConnectionError:
+                return "CONNECTION"
+            return outcome(frames, check)
+
+        return call
+
+    async def close(self) -> None:
+        self._stop_sweeping()
+        self._conn.close()
+
+
+def _zmq_outcome(frames: Frames, payload: Payload) -> str | None:
     from engine.errors import EngineError
     from servers.zmq_protocol import decode_reply
 

@@ -1,4 +1,5 @@
-"""ZMTP 3.x (RFC 23 and RFC 37), the server side of a ROUTER socket, sans-IO.
+"""ZMTP 3.x (RFC 23 and RFC 37), the server side of a ROUTER socket, sans-IO (with another
+``socket_type``, the same connection is the DEALER the load generator speaks: `bench.zmtp_client`).
 
 Why our own: with libzmq the front-end paid for its I/O thread (~25 µs of CPU per request at
 concurrency 64), a ``send`` per reply frame through pyzmq, ``recv_multipart`` and the edge-triggered
@@ -90,7 +91,6 @@ def frame_head(size: int, more: bool) -> bytes:
     return _LONG_HEAD.pack((MORE if more else 0) | LONG, size)
 
 
-_OUR_READY = ready([(b"Socket-Type", b"ROUTER")])
 _GREETING_STATE, _HANDSHAKE_STATE, _TRAFFIC_STATE = 0, 1, 2
 
 
@@ -102,9 +102,19 @@ class ServerConnection:
         max_frame_bytes: largest frame accepted (larger: `ZmtpError`).
         max_message_bytes: messages larger than this are delivered truncated to their first frame.
         max_frames: most frames in one message (more: `ZmtpError`).
+        socket_type: the socket type our READY announces (a load client speaks as a DEALER).
+        accepts: the peer socket types we talk to.
     """
 
-    def __init__(self, *, max_frame_bytes: int, max_message_bytes: int, max_frames: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_bytes: int,
+        max_message_bytes: int,
+        max_frames: int,
+        socket_type: bytes = b"ROUTER",
+        accepts: frozenset[bytes] = ACCEPTED_PEERS,
+    ) -> None:
         self.max_frame_bytes = max_frame_bytes
         self.max_message_bytes = max_message_bytes
         self.max_frames = max_frames
@@ -119,7 +129,8 @@ class ServerConnection:
         self._frames: list[memoryview] = []
         self._msg_bytes = 0
         self._msg_frames = 0
-        self._out: list[Buffer] = [GREETING + _OUR_READY]
+        self._accepts = accepts
+        self._out: list[Buffer] = [GREETING + ready([(b"Socket-Type", socket_type)])]
 
     # -- events (override) ------------------------------------------------------------------------
 
@@ -194,9 +205,9 @@ class ServerConnection:
             raise ZmtpError(f"expected READY, got {name!r}")
         props = parse_metadata(data)
         peer_type = props.get(b"socket-type", b"")
-        if peer_type not in ACCEPTED_PEERS:
+        if peer_type not in self._accepts:
             self._error(b"invalid socket type")
-            raise ZmtpError(f"socket type {peer_type!r} cannot talk to a ROUTER")
+            raise ZmtpError(f"socket type {peer_type!r} is not one we talk to")
         self.peer_type = peer_type
         self.peer_identity = props.get(b"identity", b"")
         self.envelope = peer_type == b"REQ"

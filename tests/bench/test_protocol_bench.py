@@ -288,11 +288,14 @@ def test_grpc_clients_name_the_same_error_codes(server: ServerProcess, client: s
     assert asyncio.run(outcomes()) == [None, "NOT_FOUND", "INVALID_ARGUMENT", "WRONG_ANSWER"]
 
 
-def test_load_bursts_over_zmq_from_two_processes(tmp_path: Path, server: ServerProcess) -> None:
+@pytest.mark.parametrize("client", ["zmtp", "pyzmq"])
+def test_load_bursts_over_zmq_from_two_processes(tmp_path: Path, server: ServerProcess, client: str) -> None:
     result = _load(
         tmp_path,
         "--protocol",
         "zmq",
+        "--zmq-client",
+        client,
         "--url",
         f"{server.host}:{server.ports['zmq']}",
         "--burst",
@@ -304,7 +307,7 @@ def test_load_bursts_over_zmq_from_two_processes(tmp_path: Path, server: ServerP
         "--model",
         "identity",
     )
-    assert result["errors"] == 0 and result["requests"] == 40
+    assert result["errors"] == 0 and result["requests"] == 40 and result["client"] == client
     assert [r["requests"] for r in result["rounds"]] == [20, 20]
 
 

@@ -519,7 +519,8 @@ def test_compare_keeps_the_median_run_of_each_row() -> None:
     assert _median_run(runs[:2])["run"] == 1  # even count: the lower middle
 
 
-def test_zmq_target_matches_replies_to_requests_and_checks_them() -> None:
+@pytest.mark.parametrize("client", ["zmtp", "pyzmq"])
+def test_zmq_target_matches_replies_to_requests_and_checks_them(client: str) -> None:
     import threading
 
     import zmq
@@ -553,7 +554,7 @@ def test_zmq_target_matches_replies_to_requests_and_checks_them() -> None:
     server.start()
 
     async def scenario() -> list[str | None]:
-        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=10.0)
+        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=10.0, zmq_client=client)
         await target.open()
         try:
             calls = [target.slot() for _ in range(8)]
@@ -571,7 +572,8 @@ def test_zmq_target_matches_replies_to_requests_and_checks_them() -> None:
     assert outcomes == [None] * 8
 
 
-def test_zmq_target_counts_unanswered_requests_as_timeouts() -> None:
+@pytest.mark.parametrize("client", ["zmtp", "pyzmq"])
+def test_zmq_target_counts_unanswered_requests_as_timeouts(client: str) -> None:
     # one sweep timer expires every request past its timeout (there is no timer per request)
     import zmq
 
@@ -582,7 +584,7 @@ def test_zmq_target_counts_unanswered_requests_as_timeouts() -> None:
     port = router.bind_to_random_port("tcp://127.0.0.1")
 
     async def scenario() -> tuple[list[str | None], float]:
-        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=0.3)
+        target = make_target("zmq", f"127.0.0.1:{port}", _identity(), timeout_s=0.3, zmq_client=client)
         await target.open()
         try:
             start = asyncio.get_running_loop().time()
