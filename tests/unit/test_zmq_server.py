@@ -228,6 +228,64 @@ def test_500_concurrent_async_requests(server: ServerThread, gateway: RecordingG
     assert gateway.calls["identity"] == 500
 
 
+def test_async_client_waits_out_a_full_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a server that reads nothing for a while: with a high-water mark of 1 and 1 MiB requests the
+    # client's socket fills (sends fail with EAGAIN), and the requests go once the server reads
+    import threading
+
+    import zmq
+
+    from servers.client import zmq_common
+    from servers.zmq_protocol import decode_request, encode_reply
+
+    monkeypatch.setattr(zmq_common, "HIGH_WATER_MARK", 1)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.RCVHWM, 1)
+    router.setsockopt(zmq.RCVBUF, 1 << 16)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def serve() -> None:
+        time.sleep(0.5)
+        while not stop.is_set():
+            if router.poll(20):
+                peer, *frames = router.recv_multipart()
+                request = decode_request(frames)
+                x = request.inputs[0]
+                out = np.frombuffer(x.data, np.float32).reshape(x.shape)[:, :4]
+                reply = encode_reply(request.request_id, {"OUTPUT0": out})
+                router.send_multipart([peer, *(bytes(f) for f in reply)])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def main() -> tuple[list[dict[str, np.ndarray]], int]:
+        async with AsyncZmqClient(f"tcp://127.0.0.1:{port}", timeout_s=WAIT_S * 3) as c:
+            sends = 0
+            real = c._send_now
+
+            def counting(index: int, frames: Any) -> bool:
+                nonlocal sends
+                sends += 1
+                return real(index, frames)
+
+            c._send_now = counting  # type: ignore[method-assign]
+            big = [np.full((1, 1 << 18), i, np.float32) for i in range(16)]
+            outs = await asyncio.gather(*(c.infer("identity", {"INPUT0": x}) for x in big))
+            return outs, sends
+
+    try:
+        outs, sends = asyncio.run(main())
+    finally:
+        stop.set()
+        thread.join(5)
+        router.close(linger=0)
+        ctx.term()
+    assert [float(o["OUTPUT0"][0, 0]) for o in outs] == [float(i) for i in range(16)]
+    assert sends > 16  # some sends found the socket full and were tried again
+
+
 def test_async_client_errors_ping_and_metadata(server: ServerThread) -> None:
     async def main() -> None:
         async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
