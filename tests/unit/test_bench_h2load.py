@@ -78,7 +78,16 @@ def test_percentiles_from_the_per_request_log() -> None:
     figures = h2load.percentiles(log)
     assert figures["p50_ms"] == pytest.approx(50.5)
     assert figures["p99_ms"] == pytest.approx(99.01)
+    assert figures["max_ms"] == 100.0
     assert h2load.percentiles("") == {}
+
+
+def test_the_max_is_never_below_the_percentiles() -> None:
+    # the report rounds the max to 10 µs ("9.10ms"); the log's exact times put p99 above that
+    times_us = [8000] * 100 + [9104] * 10 + [9105] * 10
+    log = "".join(f"1700000000{i:06d}\t200\t{t}\n" for i, t in enumerate(times_us))
+    figures = {**h2load.parse_h2load(REPORT), **h2load.percentiles(log)}
+    assert figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"] <= figures["max_ms"]
 
 
 def test_the_report_shows_the_h2load_table_and_its_targets(tmp_path: Path) -> None:
