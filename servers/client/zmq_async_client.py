@@ -104,6 +104,8 @@ class AsyncZmqClient:
         #: the same sockets, synchronous: sends and reads go through these (see the module's doc)
         self._plain: list[zmq.Socket[Any]] = [zmq.Socket.shadow(sock.underlying) for sock in self._socks]
         self._read_scheduled = [False] * len(self._socks)
+        #: per endpoint, the running reader's stop future (which reader owns the fd's callback)
+        self._readers: list[asyncio.Future[None] | None] = [None] * len(self._socks)
         self._monitors: list[zmq.asyncio.Socket] = [monitor for _, monitor in pairs]  # type: ignore[misc]
         self._ids = RequestIds()
         self._pending: dict[int, _Attempt] = {}
@@ -281,18 +283,23 @@ class AsyncZmqClient:
         failed: asyncio.Future[None] = loop.create_future()
         fd = int(self._plain[index].get(zmq.FD))
         loop.add_reader(fd, self._read, index, failed)
+        self._readers[index] = failed
         try:
             self._read(index, failed)
             await failed
         finally:
-            loop.remove_reader(fd)
+            if self._readers[index] is failed:  # not a reader started since, on the same fd
+                loop.remove_reader(fd)
 
     def _schedule_read(self, index: int) -> None:
-        if not self._read_scheduled[index] and self._running:
+        if self._read_scheduled[index] or not self._running:
+            return
+        reader = self._tasks[index] if index < len(self._tasks) else None
+        if reader is not None and not reader.done():
+            # flagged only while a read is really pending: a reader restarted later must not find
+            # the flag stuck and miss the edge it stands for
             self._read_scheduled[index] = True
-            reader = self._tasks[index] if index < len(self._tasks) else None
-            if reader is not None and not reader.done():
-                asyncio.get_running_loop().call_soon(self._read_later, index)
+            asyncio.get_running_loop().call_soon(self._read_later, index)
 
     def _read_later(self, index: int) -> None:
         self._read_scheduled[index] = False
@@ -316,6 +323,7 @@ class AsyncZmqClient:
             self._schedule_read(index)  # more may wait: let other work run first
         except Exception as exc:
             log.exception("zmq client %s: reader stopped", endpoint)
+            self._running = False  # now, not when the reader's task ends: the very next call restarts it
             self._fail_pending(Unavailable(f"zmq client reader stopped: {exc}"))
             reader = self._tasks[index] if index < len(self._tasks) else None
             if failed is None and reader is not None:

@@ -286,6 +286,37 @@ def test_async_client_waits_out_a_full_socket(monkeypatch: pytest.MonkeyPatch) -
     assert sends > 16  # some sends found the socket full and were tried again
 
 
+def test_async_client_reader_that_fails_is_restarted_by_the_next_call(
+    server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from engine.errors import Unavailable
+    from servers.client import zmq_async_client
+
+    real = zmq_async_client.decode_pending
+    calls = 0
+
+    def failing_once(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a broken reply")
+        return real(*args)
+
+    monkeypatch.setattr(zmq_async_client, "decode_pending", failing_once)
+    x = np.ones((1, 4), np.float32)
+
+    async def main() -> dict[str, np.ndarray]:
+        async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
+            with pytest.raises(Unavailable, match="reader stopped"):
+                await c.infer("identity", {"INPUT0": x})
+            for _ in range(20):  # every later call is answered: the reader came back
+                out = await c.infer("identity", {"INPUT0": x})
+            return out
+
+    out = asyncio.run(main())
+    np.testing.assert_array_equal(out["OUTPUT0"], x)
+
+
 def test_async_client_errors_ping_and_metadata(server: ServerThread) -> None:
     async def main() -> None:
         async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
