@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import cast
 
 from servers.gateway_api import Buffer
+from servers.write_coalescing import CoalescedWrites
 from servers.zmtp import ServerConnection, ZmtpError
 
 #: replies larger than this end the connection (a load's replies are far smaller)
@@ -43,7 +44,7 @@ class _Dealer(ServerConnection):
         self._owner.on_message(frames)
 
 
-class DealerConnection(asyncio.Protocol):
+class DealerConnection(CoalescedWrites, asyncio.Protocol):
     """One DEALER connection to a ROUTER. Messages come out through ``on_message`` (frames as
     views that stay valid while referenced); `send` queues one, and everything queued in one loop
     iteration leaves in one write.
@@ -55,28 +56,27 @@ class DealerConnection(asyncio.Protocol):
     def __init__(self, on_message: Callable[[list[memoryview]], None]) -> None:
         self.on_message = on_message
         loop = asyncio.get_running_loop()
-        self._loop = loop
+        self.loop = loop
         #: done when the handshake is complete, or failed with the reason the connection ended
         self.ready: asyncio.Future[None] = loop.create_future()
         #: done (with the reason, or None for a clean close) when the connection has ended
         self.closed: asyncio.Future[BaseException | None] = loop.create_future()
         self.transport: asyncio.Transport | None = None
         self._zmtp = _Dealer(self)
-        self._flush_scheduled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self._write()
+        self._write_now()
 
     def data_received(self, data: bytes) -> None:
         try:
             self._zmtp.receive(data)
         except ZmtpError as exc:
-            self._write()  # an ERROR command, when the peer broke the protocol
+            self._write_now()  # an ERROR command, when the peer broke the protocol
             self._end(exc)
             return
         if self._zmtp.has_output():  # a PONG
-            self._write()
+            self._write_now()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -85,21 +85,15 @@ class DealerConnection(asyncio.Protocol):
     def send(self, frames: Sequence[Buffer]) -> None:
         """Queue one message; it is written at the end of this loop iteration."""
         self._zmtp.send_message(frames)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+        self._schedule_flush()
 
     def close(self) -> None:
         """Close the connection (queued messages are written first)."""
         if self.transport is not None:
-            self._write()
+            self._write_now()
             self.transport.close()
 
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        self._write()
-
-    def _write(self) -> None:
+    def _write_now(self) -> None:
         out = self._zmtp.data_to_send()
         if out and self.transport is not None and not self.transport.is_closing():
             self.transport.write(b"".join(cast(list[bytes], out)))  # the frames we queued: bytes-like
