@@ -25,6 +25,7 @@ import itertools
 import logging
 import re
 import sys
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -107,10 +108,21 @@ class LoadedModel:
         ]
 
     def warmup(self) -> None:
-        """Run one dummy batch so that the first request does not pay for lazy initialisation."""
-        self.run(self.dummy_inputs())
+        """Run one dummy batch per size of ``spec.warmup_batch_sizes``, so that no request pays for
+        lazy initialisation or for building the kernels of its batch size.
+
+        Measured, built-in ``mlp`` on the 2-core machine: a batch size oneDNN has not seen costs
+        1-2 ms more (its kernel is JIT-compiled); warming all 256 sizes takes ~0.9 s at load.
+        """
+        start = time.perf_counter()
+        for rows in self.spec.warmup_batch_sizes:
+            self.run(self.dummy_inputs(rows))
         if self.device.startswith("cuda"):
             torch.cuda.synchronize(self.device)
+        sizes = self.spec.warmup_batch_sizes
+        if len(sizes) > 1:
+            took = time.perf_counter() - start
+            log.info("model %s: %d batch sizes warmed in %.2f s", self.spec.name, len(sizes), took)
 
     def _outputs(self, raw: Any) -> list[Any]:
         outs = self.spec.outputs

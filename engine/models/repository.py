@@ -15,6 +15,7 @@ Layout and schema (unknown keys are errors)::
         num_threads: 0           # optional
         allow_nan: true          # optional
         prepack_linear: false    # optional, torch backend: nn.Linear weights packed once for oneDNN on CPU
+        warmup_batch_sizes: [1]  # optional; batch sizes run once at load ("all": 1..max_batch_size)
 
 A model that fails to load is reported in `Repository.errors` with the reason; the others still load.
 Pure Python (yaml + numpy, no torch): the supervisor and front-ends read specs without loading models.
@@ -42,7 +43,7 @@ BACKENDS = ("torchscript", "torch", "python")
 DEFAULT_SOURCE = {"torchscript": "model.pt", "torch": "model.py:build", "python": "model.py:build"}
 _KEYS = frozenset(
     {"name", "backend", "source", "version", "max_batch_size", "dynamic_batching", "inputs", "outputs"}
-    | {"devices", "num_threads", "allow_nan", "prepack_linear"}
+    | {"devices", "num_threads", "allow_nan", "prepack_linear", "warmup_batch_sizes"}
 )
 _BATCHING_KEYS = frozenset({"max_queue_delay_us", "preferred_batch_sizes"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape"})
@@ -155,6 +156,7 @@ def _parse_spec(model: str, folder: Path, data: Mapping[Any, Any]) -> ModelSpec:
         f.fail("prepack_linear", prepack, "expected true or false")
     if prepack and backend != "torch":
         f.fail("prepack_linear", prepack, "only the torch backend packs its nn.Linear layers; leave it out")
+    warmup = _warmup_sizes(f, data.get("warmup_batch_sizes", [1]), max_batch)
     return ModelSpec(
         name=model,
         backend=backend,
@@ -169,6 +171,7 @@ def _parse_spec(model: str, folder: Path, data: Mapping[Any, Any]) -> ModelSpec:
         source=source,
         allow_nan=allow_nan,
         prepack_linear=prepack,
+        warmup_batch_sizes=warmup,
     )
 
 
@@ -235,6 +238,23 @@ def _batching(f: _Fields, data: Mapping[Any, Any], max_batch: int) -> DynamicBat
             f.fail(field, sizes, "a size is listed twice")
         kwargs["preferred_batch_sizes"] = tuple(sorted(sizes))
     return DynamicBatching(**kwargs)
+
+
+def _warmup_sizes(f: _Fields, raw: Any, max_batch: int) -> tuple[int, ...]:
+    field = "warmup_batch_sizes"
+    if max_batch == 0:
+        if raw != [1]:
+            f.fail(field, raw, "the model does not batch (max_batch_size 0): leave it out")
+        return (1,)
+    if raw == "all":
+        return tuple(range(1, max_batch + 1))
+    if not isinstance(raw, list) or not raw:
+        f.fail(field, raw, f'expected "all" or a non-empty list of batch sizes from 1 to {max_batch}')
+    for size in raw:
+        f.integer(field, size, lo=1, hi=max_batch)
+    if len(set(raw)) != len(raw):
+        f.fail(field, raw, "a size is listed twice")
+    return tuple(sorted(raw))
 
 
 def _tensors(f: _Fields, kind: str, raw: Any, max_batch: int) -> tuple[TensorSpec, ...]:

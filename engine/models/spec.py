@@ -70,6 +70,9 @@ class ModelSpec:
         allow_nan: when False, an output holding NaN fails its batch.
         prepack_linear: torch backend on CPU: pack the ``nn.Linear`` weights once for oneDNN
             (`engine.models.cpu_prepack`).
+        warmup_batch_sizes: batch sizes run once on dummy inputs at load, before the worker reports
+            the model ready: kernels that are built per input shape (oneDNN's on CPU, cuBLAS's
+            choices on CUDA) are then built before the first request of that size, not during it.
     """
 
     name: str
@@ -85,6 +88,7 @@ class ModelSpec:
     source: str = ""
     allow_nan: bool = True
     prepack_linear: bool = False
+    warmup_batch_sizes: tuple[int, ...] = (1,)
 
     def input(self, name: str) -> TensorSpec:
         for spec in self.inputs:

@@ -222,6 +222,39 @@ def test_warmup_uses_batch_one_and_variable_dims_as_one() -> None:
     assert [tuple(t.shape) for t in LoadedModel(batched, "cpu", record).dummy_inputs()] == [(1, 3, 1), ()]
 
 
+def test_warmup_runs_every_listed_batch_size() -> None:
+    rows: list[int] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        rows.append(x.shape[0])
+        return x
+
+    spec = ModelSpec(
+        name="m",
+        backend="torch",
+        inputs=(TensorSpec("X", "FP32", (4,)),),
+        outputs=(TensorSpec("Y", "FP32", (4,)),),
+        max_batch_size=8,
+        warmup_batch_sizes=(1, 3, 8),
+    )
+    LoadedModel(spec, "cpu", record).warmup()
+    assert rows == [1, 3, 8]
+
+
+def test_a_failing_warmup_size_fails_the_load(tmp_path: Path) -> None:
+    code = "def compute(x):\n    assert x.shape[0] < 3, 'too many rows'\n    return x\n"
+    data = {
+        "backend": "python",
+        "source": "model.py:compute",
+        "max_batch_size": 4,
+        "warmup_batch_sizes": [1, 2, 4],
+        "inputs": [tensor("X", "FP32", [2])],
+        "outputs": [tensor("Y", "FP32", [2])],
+    }
+    with pytest.raises(ModelError, match=r"cannot load model 'w'.*too many rows"):
+        load_model(make_model(tmp_path, "w", data, code), "cpu")
+
+
 def test_builtin_identity_warms_up_with_variable_dim(builtins: dict[str, ModelSpec]) -> None:
     model = load_model(builtins["identity"], "cpu")
     assert [tuple(t.shape) for t in model.dummy_inputs()] == [(1, 1)]

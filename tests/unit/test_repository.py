@@ -71,7 +71,20 @@ def test_defaults(tmp_path: Path) -> None:
     spec = load_model_spec(make_model(tmp_path, "m", data))
     assert spec.source == "model.py:build" and spec.max_batch_size == 0
     assert spec.dynamic_batching == DynamicBatching() and spec.devices == () and spec.version == "1"
-    assert not spec.prepack_linear
+    assert not spec.prepack_linear and spec.warmup_batch_sizes == (1,)
+
+
+def test_warmup_batch_sizes(tmp_path: Path) -> None:
+    listed = load_model_spec(make_model(tmp_path, "listed", VALID | {"warmup_batch_sizes": [4, 1, 2]}))
+    assert listed.warmup_batch_sizes == (1, 2, 4)
+    every = load_model_spec(make_model(tmp_path, "every", VALID | {"warmup_batch_sizes": "all"}))
+    assert every.warmup_batch_sizes == (1, 2, 3, 4)
+    unbatched = edit("dynamic_batching", DELETE) | {"max_batch_size": 0}
+    one = load_model_spec(make_model(tmp_path, "one", unbatched | {"warmup_batch_sizes": [1]}))
+    assert one.warmup_batch_sizes == (1,)
+    for n, sizes in enumerate(("all", [2])):
+        with pytest.raises(ModelConfigError, match=r"warmup_batch_sizes=.*does not batch"):
+            load_model_spec(make_model(tmp_path, f"u{n}", unbatched | {"warmup_batch_sizes": sizes}))
 
 
 def test_broken_folder_is_reported_by_name_while_others_load(tmp_path: Path) -> None:
@@ -147,6 +160,13 @@ INVALID = [
     ("allow_nan", "yes", "allow_nan", "true or false"),
     ("prepack_linear", "yes", "prepack_linear", "true or false"),
     ("prepack_linear", True, "prepack_linear", "only the torch backend"),
+    ("warmup_batch_sizes", [0], "warmup_batch_sizes", ">= 1 and <= 4"),
+    ("warmup_batch_sizes", [5], "warmup_batch_sizes", ">= 1 and <= 4"),
+    ("warmup_batch_sizes", [2, 2], "warmup_batch_sizes", "listed twice"),
+    ("warmup_batch_sizes", [], "warmup_batch_sizes", "non-empty list"),
+    ("warmup_batch_sizes", "every", "warmup_batch_sizes", '"all" or'),
+    ("warmup_batch_sizes", 4, "warmup_batch_sizes", '"all" or'),
+    ("warmup_batch_sizes", [True], "warmup_batch_sizes", "expected an integer"),
 ]
 
 
