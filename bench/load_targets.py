@@ -36,8 +36,9 @@ ENDPOINT_OF = {"grpc": "grpc", "zmq": "zmq", "rest": "rest"}
 #: gRPC load clients: ``h2``, HTTP/2 spoken by hand (`bench.grpc_h2_client`, ~4x less client CPU per
 #: call), or ``grpcio``, grpc.aio (grpc core: what most Python services call with)
 GRPC_CLIENTS = ("h2", "grpcio")
-#: ZMQ load clients: ``zmtp``, a DEALER spoken by hand (`bench.zmtp_client`, about half the client CPU
-#: per request), or ``pyzmq`` (libzmq: what the engine's own ZMQ clients use)
+#: ZMQ load clients: ``zmtp``, a DEALER spoken by hand (`servers.client.zmtp_dealer`, as the engine's
+#: asyncio client speaks; about half pyzmq's client CPU per request), or ``pyzmq`` (libzmq: what the
+#: engine's blocking client uses)
 ZMQ_CLIENTS = ("zmtp", "pyzmq")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -398,11 +399,11 @@ class ZmqTarget(_ZmqTarget):
 
 
 class ZmtpTarget(_ZmqTarget):
-    """The ZMQ front-end over one connection of our own DEALER (`bench.zmtp_client`: ZMTP by hand,
-    every request of one loop iteration in one write; ~half pyzmq's client CPU per request)."""
+    """The ZMQ front-end over one connection of our own DEALER (`servers.client.zmtp_dealer`: ZMTP by
+    hand, every request of one loop iteration in one write; ~half pyzmq's client CPU per request)."""
 
     async def open(self) -> None:
-        from bench.zmtp_client import connect
+        from servers.client.zmtp_dealer import connect
 
         self._prepare()
         host, _, port = self.address.rpartition("://")[2].rpartition(":")
@@ -412,7 +413,7 @@ class ZmtpTarget(_ZmqTarget):
     def _is_open(self) -> bool:
         return not self._conn.closed.done()
 
-    def _lost(self, _: asyncio.Future[BaseException | None]) -> None:
+    def _lost(self, _: asyncio.Future[BaseException]) -> None:
         # the connection is gone: nothing pending will be answered
         for future in self._pending.values():
             if not future.done():

@@ -1,5 +1,5 @@
 """ZMTP 3.x (RFC 23 and RFC 37), the server side of a ROUTER socket, sans-IO (with another
-``socket_type``, the same connection is the DEALER the load generator speaks: `bench.zmtp_client`).
+``socket_type``, the same connection is the DEALER our clients speak: `servers.client.zmtp_dealer`).
 
 Why our own: with libzmq the front-end paid for its I/O thread (~25 µs of CPU per request at
 concurrency 64), a ``send`` per reply frame through pyzmq, ``recv_multipart`` and the edge-triggered
@@ -315,21 +315,25 @@ class ServerConnection:
 
     # -- output ------------------------------------------------------------------------------------
 
-    def send_message(self, frames: Sequence[Buffer]) -> None:
-        """Queue one message (its frames are referenced, not copied, until `data_to_send`)."""
+    def send_message(self, frames: Sequence[Buffer]) -> int:
+        """Queue one message (its frames are referenced, not copied, until `data_to_send`); returns
+        the bytes of its frames."""
         if not frames:
             raise ValueError("a message has at least one frame")
         out = self._out
         if self.envelope:
             out.append(_SHORT_MORE[0])
         last = len(frames) - 1
+        total = 0
         for i, frame in enumerate(frames):
             size = len(frame) if isinstance(frame, bytes) else memoryview(frame).nbytes  # type: ignore[arg-type]
+            total += size
             if size < 256:
                 out.append((_SHORT_MORE if i < last else _SHORT_LAST)[size])
             else:
                 out.append(_LONG_HEAD.pack(LONG | (MORE if i < last else 0), size))
             out.append(frame)
+        return total
 
     def has_output(self) -> bool:
         """Whether `data_to_send` has anything."""

@@ -8,15 +8,17 @@ and outputs are read-only arrays over the received frames (``np.frombuffer``, no
 Errors come back as the `engine.errors` classes the server raised (`servers.zmq_protocol` rebuilds
 them). A request that gets no reply within its timeout raises `DeadlineExceeded`; the timeout is also
 sent to the server as the request's deadline. A reply that comes after its request timed out is
-dropped. Reconnection is ZMQ's own: a DEALER reconnects by itself.
+dropped. A dropped connection is made again by itself, 100 ms later: by libzmq's DEALER in the
+blocking client, by the asyncio client's own connection keeper (it speaks ZMTP itself, over TCP).
 
 Scale-out: give several endpoints (``"tcp://a:7211,tcp://b:7211"`` or a list) and requests go round
-robin across them (`servers.client.endpoints.EndpointPool`). The sockets set ``ZMQ_IMMEDIATE``, so a
-message is only ever queued on a live connection: a send to an endpoint that is not connected fails
-at once and goes to the next one, and a request waits (within its timeout) only while no endpoint is
-connected. A socket monitor tells each connect and disconnect; after a disconnect nothing is sent on
-that endpoint until its next connect is reported (libzmq tells of the drop before its socket lets go
-of the dead connection, and a message sent in between would vanish). A request is moved to another endpoint,
+robin across them (`servers.client.endpoints.EndpointPool`). A message is only ever queued on a live
+connection (the blocking client's sockets set ``ZMQ_IMMEDIATE``): a send to an endpoint that is not
+connected fails at once and goes to the next one, and a request waits (within its timeout) only while
+no endpoint is connected. In the blocking client a socket monitor tells each connect and disconnect;
+after a disconnect nothing is sent on that endpoint until its next connect is reported (libzmq tells
+of the drop before its socket lets go of the dead connection, and a message sent in between would
+vanish). A request is moved to another endpoint,
 each endpoint tried at most once, when its endpoint answers UNAVAILABLE (draining, worker down; the
 endpoint is then marked down for a cool-down) or RESOURCE_EXHAUSTED, and when the connection it was
 sent on drops before the reply (the endpoint is marked down). Inference is stateless, so a request

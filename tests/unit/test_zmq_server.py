@@ -30,6 +30,7 @@ from engine.errors import (
     Unavailable,
 )
 from servers import zmq_server, zmtp
+from servers.client.zmq_async_client import RECONNECT_INTERVAL_S
 from servers.client.zmq_client import AsyncZmqClient, ZmqClient
 from servers.gateway_api import FrontendSettings, InferInput
 from servers.zmq_protocol import (
@@ -229,16 +230,16 @@ def test_500_concurrent_async_requests(server: ServerThread, gateway: RecordingG
 
 
 def test_async_client_waits_out_a_full_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    # a server that reads nothing for a while: with a high-water mark of 1 and 1 MiB requests the
-    # client's socket fills (sends fail with EAGAIN), and the requests go once the server reads
+    # a server that reads nothing for a while: with a high-water mark of 1 MiB and 1 MiB requests
+    # the client's connection fills (it refuses sends), and the requests go once the server reads
     import threading
 
     import zmq
 
-    from servers.client import zmq_common
+    from servers.client import zmtp_dealer
     from servers.zmq_protocol import decode_request, encode_reply
 
-    monkeypatch.setattr(zmq_common, "HIGH_WATER_MARK", 1)
+    monkeypatch.setattr(zmtp_dealer, "HIGH_WATER_BYTES", 1 << 20)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.RCVHWM, 1)
@@ -260,33 +261,35 @@ def test_async_client_waits_out_a_full_socket(monkeypatch: pytest.MonkeyPatch) -
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
 
-    async def main() -> tuple[list[dict[str, np.ndarray]], int]:
+    refusals = 0
+    real = zmtp_dealer.DealerConnection.can_send
+
+    def counting(self: zmtp_dealer.DealerConnection) -> bool:
+        nonlocal refusals
+        ok = real(self)
+        # a refusal by a connection that is up: it is full
+        refusals += not ok and self.ready.done() and not self.closed.done()
+        return ok
+
+    monkeypatch.setattr(zmtp_dealer.DealerConnection, "can_send", counting)
+
+    async def main() -> list[dict[str, np.ndarray]]:
         async with AsyncZmqClient(f"tcp://127.0.0.1:{port}", timeout_s=WAIT_S * 3) as c:
-            sends = 0
-            real = c._send_now
-
-            def counting(index: int, frames: Any) -> bool:
-                nonlocal sends
-                sends += 1
-                return real(index, frames)
-
-            c._send_now = counting  # type: ignore[method-assign]
             big = [np.full((1, 1 << 18), i, np.float32) for i in range(16)]
-            outs = await asyncio.gather(*(c.infer("identity", {"INPUT0": x}) for x in big))
-            return outs, sends
+            return await asyncio.gather(*(c.infer("identity", {"INPUT0": x}) for x in big))
 
     try:
-        outs, sends = asyncio.run(main())
+        outs = asyncio.run(main())
     finally:
         stop.set()
         thread.join(5)
         router.close(linger=0)
         ctx.term()
     assert [float(o["OUTPUT0"][0, 0]) for o in outs] == [float(i) for i in range(16)]
-    assert sends > 16  # some sends found the socket full and were tried again
+    assert refusals > 0  # some sends found the connection full and waited for room
 
 
-def test_async_client_reader_that_fails_is_restarted_by_the_next_call(
+def test_async_client_reply_it_cannot_handle_fails_its_connection_and_later_calls_are_answered(
     server: ServerThread, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from engine.errors import Unavailable
@@ -307,9 +310,11 @@ def test_async_client_reader_that_fails_is_restarted_by_the_next_call(
 
     async def main() -> dict[str, np.ndarray]:
         async with AsyncZmqClient(server.endpoint, timeout_s=WAIT_S) as c:
-            with pytest.raises(Unavailable, match="reader stopped"):
+            start = time.monotonic()
+            with pytest.raises(Unavailable, match="could not be handled: a broken reply"):
                 await c.infer("identity", {"INPUT0": x})
-            for _ in range(20):  # every later call is answered: the reader came back
+            assert time.monotonic() - start < WAIT_S / 2  # failed at once, not at its timeout
+            for _ in range(20):  # every later call is answered, on a new connection
                 out = await c.infer("identity", {"INPUT0": x})
             return out
 
@@ -614,6 +619,52 @@ def test_requests_in_flight_at_stop_are_answered_before_the_socket_closes(kind: 
         srv.close()
     for n, out in enumerate(outs):
         assert (out["OUTPUT0"] == n).all()
+
+
+def test_async_client_reconnects_and_a_request_waits_for_a_server_to_come_up() -> None:
+    # The server stops and another starts on its port: a request made while none is up waits for
+    # the client's next connect (within its timeout) and is answered by the new server.
+    first = ServerThread(RecordingGateway(), FrontendSettings(port=0))
+    port = first.port
+    second: list[ServerThread] = []
+
+    async def main() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        async with AsyncZmqClient(first.endpoint, timeout_s=WAIT_S) as ac:
+            out = await ac.infer("identity", {"INPUT0": np.full((1, 2), 1, np.float32)})
+            assert (out["OUTPUT0"] == 1).all()
+            await loop.run_in_executor(None, first.close)
+            await asyncio.sleep(0.3)  # the drop is seen; reconnects are refused meanwhile
+            call = asyncio.ensure_future(ac.infer("identity", {"INPUT0": np.full((1, 2), 2, np.float32)}))
+            await asyncio.sleep(0.3)
+            assert not call.done()  # waiting for a connection, not failed
+            started = time.monotonic()
+            second.append(
+                await loop.run_in_executor(
+                    None, ServerThread, RecordingGateway(), FrontendSettings(port=port)
+                )
+            )
+            out = await call
+            assert (out["OUTPUT0"] == 2).all()
+            return time.monotonic() - started, RECONNECT_INTERVAL_S
+
+    try:
+        waited, interval = asyncio.run(main())
+    finally:
+        first.close()
+        for srv in second:
+            srv.close()
+    assert waited < interval + 1.0  # answered about one reconnect interval after the server came up
+
+
+def test_async_client_takes_only_tcp_endpoints() -> None:
+    for bad in ("ipc:///tmp/engine.sock", "tcp://127.0.0.1", "127.0.0.1:7211", "tcp://host:port"):
+        with pytest.raises(ValueError, match="tcp://host:port"):
+            AsyncZmqClient(bad)
+    assert AsyncZmqClient("tcp://[::1]:7211,tcp://engine.local:7212")._addresses == [
+        ("::1", 7211),
+        ("engine.local", 7212),
+    ]
 
 
 def test_a_request_sent_after_a_reconnection_is_not_failed_with_the_old_connection() -> None:

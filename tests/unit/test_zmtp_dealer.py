@@ -1,4 +1,4 @@
-"""The load generator's hand-spoken ZMQ DEALER (`bench.zmtp_client`) against libzmq's own sockets."""
+"""Our hand-spoken ZMQ DEALER (`servers.client.zmtp_dealer`) against libzmq's own sockets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import zmq
 
 from bench.load_payload import Payload
 from bench.load_targets import make_target
-from bench.zmtp_client import connect
+from servers.client.zmtp_dealer import connect
 from servers.zmtp import ZmtpError
 
 
