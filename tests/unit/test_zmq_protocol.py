@@ -328,9 +328,43 @@ def test_a_known_request_body_under_another_version_is_refused() -> None:
 def test_the_memory_of_known_bodies_is_bounded() -> None:
     for n in range(2 * zmq_protocol._KNOWN_MAX + 3):
         decode_request(encode_request(n, f"m{n}", {"x": np.zeros((1, 2), np.float32)}))
-        encode_reply(n, {f"y{n}": np.zeros((1, 2), np.float32)})
+        decode_reply(encode_reply(n, {f"y{n}": np.zeros((1, 2), np.float32)}))
     assert 0 < len(zmq_protocol._KNOWN_REQUESTS) <= zmq_protocol._KNOWN_MAX
     assert 0 < len(zmq_protocol._KNOWN_REPLIES) <= zmq_protocol._KNOWN_MAX
+    assert 0 < len(zmq_protocol._KNOWN_REPLY_SPECS) <= zmq_protocol._KNOWN_MAX
+
+
+def test_a_known_reply_body_decodes_as_it_did_the_first_time() -> None:
+    # the client parses and checks a reply's JSON once; later replies with the same body take their
+    # own id and tensor frames, and their arrays are read-only like the first ones
+    y = np.arange(6, dtype=np.int32).reshape(2, 3)
+    first = decode_reply(encode_reply(4, {"y": y, "z": np.array(1.5)}))
+    assert len(zmq_protocol._KNOWN_REPLY_SPECS) >= 1
+    again = decode_reply(encode_reply(5, {"y": y + 1, "z": np.array(1.5)}))
+    assert again.request_id == 5 and again.msg_type is MsgType.REPLY
+    assert first.outputs is not None and again.outputs is not None
+    assert list(again.outputs) == ["y", "z"]
+    np.testing.assert_array_equal(again.outputs["y"], y + 1)
+    assert again.outputs["y"].dtype == np.int32 and float(again.outputs["z"]) == 1.5
+    assert not again.outputs["y"].flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("tensors", "match"),
+    [([bytes(15)], "needs 16"), ([], "carries 0"), ([bytes(16), bytes(16)], "carries 2")],
+)
+def test_a_known_reply_body_with_the_wrong_frames_is_refused(tensors: list[bytes], match: str) -> None:
+    head = header({"outputs": [FP32_4]}, msg_type=MsgType.REPLY)
+    decode_reply([head, bytes(16)])
+    with pytest.raises(InvalidArgument, match=match):
+        decode_reply([head, *tensors])
+
+
+def test_a_known_reply_body_under_another_version_is_refused() -> None:
+    body = {"outputs": [FP32_4]}
+    decode_reply([header(body, msg_type=MsgType.REPLY), bytes(16)])
+    with pytest.raises(InvalidArgument, match="version"):
+        decode_reply([header(body, msg_type=MsgType.REPLY, version=VERSION + 1), bytes(16)])
 
 
 @pytest.mark.parametrize("round_", [1, 2])  # the second round takes the remembered JSON
