@@ -1,68 +1,73 @@
 """Python clients of the ZMQ front-end: `ZmqClient` (blocking) and `AsyncZmqClient` (asyncio).
 
-Each endpoint gets one DEALER socket, so any number of requests may be in flight on it: every request
-gets a fresh id and replies are matched by id, in whatever order they come back. Tensors travel as
-numpy arrays: inputs are sent without a copy when large (keep them unchanged until their reply is in)
-and outputs are read-only arrays over the received frames (``np.frombuffer``, no copy).
+Both speak ZMQ's wire protocol (ZMTP 3.1, `servers.zmtp`) themselves over TCP, without libzmq: one
+DEALER connection per endpoint, ``tcp://host:port`` endpoints only. Any number of requests may be in
+flight on a connection: every request gets a fresh id and replies are matched by id, in whatever order
+they come back. Tensors travel as numpy arrays: inputs are sent without a copy (keep them unchanged
+until their reply is in) and outputs are read-only arrays over the received frames (``np.frombuffer``,
+no copy).
 
 Errors come back as the `engine.errors` classes the server raised (`servers.zmq_protocol` rebuilds
 them). A request that gets no reply within its timeout raises `DeadlineExceeded`; the timeout is also
 sent to the server as the request's deadline. A reply that comes after its request timed out is
-dropped. A dropped connection is made again by itself, 100 ms later: by libzmq's DEALER in the
-blocking client, by the asyncio client's own connection keeper (it speaks ZMTP itself, over TCP).
+dropped. A dropped connection is made again by the client itself: at once when it had been up a while,
+then every 100 ms while connects fail. The blocking client does so when it is used (it has no thread):
+a request made after a pause first looks for news of its connections without waiting, so it is not
+sent on one that ended meanwhile.
 
 Scale-out: give several endpoints (``"tcp://a:7211,tcp://b:7211"`` or a list) and requests go round
-robin across them (`servers.client.endpoints.EndpointPool`). A message is only ever queued on a live
-connection (the blocking client's sockets set ``ZMQ_IMMEDIATE``): a send to an endpoint that is not
-connected fails at once and goes to the next one, and a request waits (within its timeout) only while
-no endpoint is connected. In the blocking client a socket monitor tells each connect and disconnect;
-after a disconnect nothing is sent on that endpoint until its next connect is reported (libzmq tells
-of the drop before its socket lets go of the dead connection, and a message sent in between would
-vanish). A request is moved to another endpoint,
-each endpoint tried at most once, when its endpoint answers UNAVAILABLE (draining, worker down; the
-endpoint is then marked down for a cool-down) or RESOURCE_EXHAUSTED, and when the connection it was
-sent on drops before the reply (the endpoint is marked down). Inference is stateless, so a request
-moved after its connection dropped may have been computed twice; only its last answer is returned.
-With one endpoint nothing is moved: errors are raised, and a request whose connection drops before
-its reply fails at once with Unavailable (a reconnected DEALER is a new connection to the server,
-which cannot answer on it), as it does once every endpoint has been tried.
+robin across them (`servers.client.endpoints.EndpointPool`). A message is only ever queued on a
+connection whose handshake is complete: an endpoint that is not connected is skipped, and a request
+waits (within its timeout) only while no endpoint is connected, or all are full (8 MiB the kernel has
+not taken). A request is moved to another endpoint, each endpoint tried at most once, when its
+endpoint answers UNAVAILABLE (draining, worker down; the endpoint is then marked down for a cool-down)
+or RESOURCE_EXHAUSTED, and when the connection it was sent on drops before the reply (the endpoint is
+marked down). Inference is stateless, so a request moved after its connection dropped may have been
+computed twice; only its last answer is returned. With one endpoint nothing is moved: errors are
+raised, and a request whose connection drops before its reply fails at once with Unavailable (a
+reconnected DEALER is a new connection to the server, which cannot answer on it), as it does once
+every endpoint has been tried.
 
-This module holds the blocking client (`ZmqClient`, `ZmqFuture`); the asyncio one is in
-`servers.client.zmq_async_client` and the pieces both use in `servers.client.zmq_common`.
+This module holds the blocking client (`ZmqClient`, `ZmqFuture`; its connections in
+`servers.client.zmtp_blocking`); the asyncio one is in `servers.client.zmq_async_client` (on
+`servers.client.zmtp_dealer`) and the pieces both use in `servers.client.zmq_common`.
 """
 
 from __future__ import annotations
 
 import math
+import selectors
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
-import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from engine.errors import DeadlineExceeded, Unavailable
 from servers.client.endpoints import DEFAULT_COOLDOWN_S, EndpointPool
 from servers.client.zmq_async_client import AsyncZmqClient
 from servers.client.zmq_common import (
-    RECONNECT_IVL_MS,
     Build,
     RequestIds,
     can_move,
-    close_endpoints,
     connection_lost,
     decode_pending,
     log,
     moves_on,
-    open_endpoint,
     remaining_us,
     to_timeout_us,
     unpack_reply,
 )
+from servers.client.zmtp_blocking import DOWN, BlockingLink
+from servers.client.zmtp_dealer import tcp_address
 from servers.zmq_protocol import Frames, MsgType, Reply, encode_metadata_request, encode_ping, encode_request
+
+#: A request sent longer than this after the last poll polls first (without waiting), so that it is
+#: not sent on a connection whose end is waiting to be read.
+NEWS_MAX_AGE_S = 0.05
 
 
 @dataclass(eq=False)
@@ -116,8 +121,7 @@ class ZmqFuture:
 
 
 class ZmqClient:
-    """Blocking client over one or several endpoints. Not thread-safe (neither are ZMQ sockets): one
-    client per thread.
+    """Blocking client over one or several endpoints. Not thread-safe: one client per thread.
 
     Args:
         endpoint: server address, e.g. ``tcp://127.0.0.1:7211``; several as a comma-separated list
@@ -141,31 +145,30 @@ class ZmqClient:
         self.endpoint = ",".join(self.endpoints)
         self.timeout_s = timeout_s
         self.token = token
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        pairs: list[tuple[zmq.Socket[Any], zmq.Socket[Any]]] = []
-        self._finalizer = weakref.finalize(self, close_endpoints, pairs, self._ctx)
-        try:
-            for address in self.endpoints:
-                pairs.append(open_endpoint(self._ctx, address))
-        except BaseException:
-            self._finalizer()  # a bad address: close what was opened
-            raise
-        self._socks = [sock for sock, _ in pairs]
-        self._monitors = [monitor for _, monitor in pairs]
-        self._sock = self._socks[0]  # the first endpoint's socket (tests poll it)
-        self._poller = zmq.Poller()
-        for sock in (*self._socks, *self._monitors):
-            self._poller.register(sock, zmq.POLLIN)
-        self._polling_out = [False] * len(self._socks)  # per socket: POLLOUT registered
-        #: per endpoint: its connection dropped and no new one is up yet (see `_read_monitor`)
-        self._stale = [False] * len(self._socks)
+        addresses = [tcp_address(e) for e in self.endpoints]
+        self._selector = selectors.DefaultSelector()
+        self._links = [
+            BlockingLink(
+                host,
+                port,
+                self._selector,
+                index,
+                on_up=partial(self.pool.mark_up, index),
+                on_message=partial(self._on_message, index),
+                on_lost=partial(self._lost, index),
+            )
+            for index, (host, port) in enumerate(addresses)
+        ]
+        self._finalizer = weakref.finalize(self, _close_links, self._links, self._selector)
         self._ids = RequestIds()
         #: current attempt's request id -> its request, while its reply is awaited
         self._inflight: dict[int, _Request] = {}
         #: requests waiting for an endpoint to be connected (and have room)
         self._unsent: list[_Request] = []
-        self._news_read_at = float("-inf")  # time.monotonic() of the last look at the monitors
         self._closed = False
+        self._polled_at = time.monotonic()
+        for link in self._links:
+            link.start_connect()  # finished by the first poll
 
     def submit(
         self,
@@ -207,8 +210,19 @@ class ZmqClient:
         outputs: Sequence[str] | None = None,
         timeout_s: float | None = None,
     ) -> list[dict[str, np.ndarray]]:
-        """Send every request at once, then collect the outputs in order."""
-        futures = [self.submit(model, inputs, outputs, timeout_s) for inputs in batch]
+        """Send every request at once (in one write per endpoint), then collect the outputs in order."""
+        token = self.token
+        futures = []
+        for inputs in batch:
+
+            def build(request_id: int, timeout_us: int, inputs: Mapping[str, np.ndarray] = inputs) -> Frames:
+                return encode_request(
+                    request_id, model, inputs, outputs=outputs, token=token, timeout_us=timeout_us
+                )
+
+            futures.append(self._submit(build, MsgType.REPLY, timeout_s, flush=False))
+        for link in self._links:
+            link.flush()
         return [f.result() for f in futures]
 
     def ping(self, timeout_s: float | None = None) -> bool:
@@ -228,7 +242,7 @@ class ZmqClient:
         return body
 
     def close(self) -> None:
-        """Close the sockets; pending requests are abandoned. Safe to call twice."""
+        """Close the connections; pending requests are abandoned. Safe to call twice."""
         self._closed = True
         self._inflight.clear()
         self._unsent.clear()
@@ -242,53 +256,46 @@ class ZmqClient:
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _submit(self, build: Build, expected: MsgType, timeout_s: float | None) -> ZmqFuture:
+    def _submit(
+        self, build: Build, expected: MsgType, timeout_s: float | None, *, flush: bool = True
+    ) -> ZmqFuture:
         if self._closed:
             raise Unavailable("client is closed")
         timeout = self.timeout_s if timeout_s is None else timeout_s
         to_timeout_us(timeout)
         now = time.monotonic()
         request = _Request(build, expected, now + timeout)
-        if now - self._news_read_at > RECONNECT_IVL_MS / 2000:
-            # A request sent on a connection that came back must not be counted among those lost
-            # with the one before it (its drop not read yet). A reconnection takes RECONNECT_IVL_MS:
-            # news read less than half of that ago cannot have missed one.
-            self._news_read_at = now
-            for index in range(len(self._monitors)):
-                self._read_monitor(index)
-        self._dispatch(request)
+        if now - self._polled_at > NEWS_MAX_AGE_S:
+            # after a pause: a connection that ended meanwhile must be seen before a send on it,
+            # or the request would go down with it
+            self._pump(0.0)
+        else:
+            self._reconnect(now)
+        self._dispatch(request, flush)
         return ZmqFuture(self, request)
 
-    def _dispatch(self, request: _Request) -> None:
+    def _dispatch(self, request: _Request, flush: bool = True) -> None:
         """Send the request's next attempt to the first candidate endpoint that takes it now, or
-        park it until one is connected."""
+        park it until one is connected (and has room)."""
         request_id = self._ids.next()
         frames = request.build(request_id, remaining_us(request.deadline))
         request.request_id = request_id
         for index in self.pool.candidates(exclude=request.tried):
-            if self._stale[index]:
-                continue
-            try:
-                self._socks[index].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            link = self._links[index]
+            if not link.can_send():
                 continue  # not connected (or full): the next one
             request.endpoint = index
+            # recorded first: a failed write reports the loss, which must find the request
             self._inflight[request_id] = request
+            link.send(frames, flush)
             return
         request.endpoint = -1
         self._unsent.append(request)
-        self._update_pollout()
 
-    def _update_pollout(self) -> None:
-        # Watch for room only on sockets a parked request may use: one it already failed on may be
-        # writable all along and would wake every poll at once.
-        usable = [i for i in range(len(self._socks)) if not self._stale[i]]
-        wanted = {i for r in self._unsent for i in usable if i not in r.tried}
-        for index, sock in enumerate(self._socks):
-            on = index in wanted
-            if on != self._polling_out[index]:
-                self._polling_out[index] = on
-                self._poller.register(sock, zmq.POLLIN | (zmq.POLLOUT if on else 0))
+    def _reconnect(self, now: float) -> None:
+        for link in self._links:
+            if link.state == DOWN and now >= link.retry_at:
+                link.start_connect()
 
     def _poll(self, request: _Request, *, block: bool) -> bool:
         """Read replies until this request's is in (True), or its deadline passes: DeadlineExceeded
@@ -307,26 +314,28 @@ class ZmqClient:
                 raise DeadlineExceeded(
                     f"no reply to request {request.request_id} from {self.endpoint} in time"
                 )
-            self._pump(math.ceil(remaining * 1000) if block else 0)
+            self._pump(remaining if block else 0.0)
             if not block and request.reply is None:
                 return False
         return True
 
-    def _pump(self, timeout_ms: int) -> None:
-        """One poll of every socket: take monitor events and replies, send what was waiting."""
-        polled_at = time.monotonic()
-        events = dict(self._poller.poll(timeout_ms))
-        self._news_read_at = polled_at  # ready monitors are read below
-        for index, monitor in enumerate(self._monitors):
-            if monitor in events:
-                self._read_monitor(index)
-        writable = False
-        for index, sock in enumerate(self._socks):
-            flags = events.get(sock, 0)
-            if flags & zmq.POLLIN:
-                self._read_replies(index)
-            writable = writable or bool(flags & zmq.POLLOUT)
-        if writable and self._unsent:
+    def _pump(self, timeout_s: float) -> None:
+        """One poll of every connection: finish connects and handshakes, take replies, write what
+        waited for room, send the requests that waited for a connection."""
+        now = self._polled_at = time.monotonic()
+        self._reconnect(now)
+        for link in self._links:
+            if link.state == DOWN:  # wake for its next connect
+                timeout_s = min(timeout_s, max(0.0, link.retry_at - now))
+        for key, mask in self._selector.select(math.ceil(timeout_s * 1000) / 1000 if timeout_s else 0):
+            link = self._links[key.data]
+            if link.sock is not key.fileobj:
+                continue  # closed by an earlier event of this poll
+            if mask & selectors.EVENT_WRITE:
+                link.on_writable()
+            if mask & selectors.EVENT_READ:
+                link.on_readable()
+        if self._unsent and any(link.can_send() for link in self._links):
             waiting, self._unsent = self._unsent, []
             now = time.monotonic()
             for request in waiting:
@@ -334,29 +343,12 @@ class ZmqClient:
                     request.dropped = True  # never sent: its result() raises DeadlineExceeded
                 else:
                     self._dispatch(request)
-            self._update_pollout()
 
-    def _read_monitor(self, index: int) -> None:
-        monitor = self._monitors[index]
-        while monitor.poll(0):
-            event = recv_monitor_message(monitor)["event"]
-            # stale from a drop to the next connect: see zmq_common.MONITOR_EVENTS
-            if event == zmq.EVENT_CONNECTED:
-                self._stale[index] = False
-                self.pool.mark_up(index)
-            elif event == zmq.EVENT_DISCONNECTED:
-                self._stale[index] = True
-                self._lost(index)
-            else:
-                continue
-            if self._unsent:
-                self._update_pollout()
-
-    def _lost(self, index: int) -> None:
-        """The connection to endpoint ``index`` dropped: move its unanswered requests elsewhere, or
+    def _lost(self, index: int, reason: str) -> None:
+        """The connection to endpoint ``index`` ended: move its unanswered requests elsewhere, or
         fail them with Unavailable when no endpoint is left to try (no answer can come any more)."""
         self.pool.mark_down(index)
-        self._read_replies(index)  # answers that made it before the drop are not resent
+        log.debug("zmq client: connection to %s ended: %s", self.endpoints[index], reason)
         lost = [r for r in self._inflight.values() if r.endpoint == index]
         moved = 0
         for request in lost:
@@ -376,31 +368,43 @@ class ZmqClient:
                 len(lost) - moved,
             )
 
-    def _read_replies(self, index: int) -> None:
-        sock = self._socks[index]
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            reply = decode_pending([f.buffer for f in frames], self._inflight, self.endpoints[index])
-            if reply is None:
-                continue
-            request = self._inflight.pop(reply.request_id)
-            if moves_on(reply) and can_move(self.pool, request.tried, index):
-                if isinstance(reply.error, Unavailable):
-                    self.pool.mark_down(index)
-                request.tried.append(index)
-                self._dispatch(request)
-            else:
-                request.reply = reply
+    def _on_message(self, index: int, frames: list[memoryview]) -> None:
+        try:
+            reply = decode_pending(frames, self._inflight, self.endpoints[index])
+        except Exception as exc:
+            # A reply the client cannot hand over: the requests waiting on this connection must not
+            # wait out their timeouts for it. They fail, and the connection starts over.
+            log.exception("zmq client %s: a reply could not be handled", self.endpoints[index])
+            error = Unavailable(
+                f"zmq client: a reply from {self.endpoints[index]} could not be handled: {exc}"
+            )
+            for request in [r for r in self._inflight.values() if r.endpoint == index]:
+                del self._inflight[request.request_id]
+                request.reply = Reply(MsgType.ERROR, request.request_id, error=error)
+            self._links[index].fail(f"a reply could not be handled: {exc}")
+            return
+        if reply is None:
+            return
+        request = self._inflight.pop(reply.request_id)
+        if moves_on(reply) and can_move(self.pool, request.tried, index):
+            if isinstance(reply.error, Unavailable):
+                self.pool.mark_down(index)
+            request.tried.append(index)
+            self._dispatch(request)
+        else:
+            request.reply = reply
 
     def _drop(self, request: _Request) -> None:
         request.dropped = True
         self._inflight.pop(request.request_id, None)
         if request in self._unsent:
             self._unsent.remove(request)
-            self._update_pollout()
+
+
+def _close_links(links: list[BlockingLink], selector: selectors.BaseSelector) -> None:
+    for link in links:
+        link.close()
+    selector.close()
 
 
 __all__ = ["AsyncZmqClient", "ZmqClient", "ZmqFuture"]

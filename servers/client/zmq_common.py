@@ -1,7 +1,5 @@
-"""Pieces shared by the ZMQ clients (`ZmqClient`, `AsyncZmqClient`): sockets, request ids, replies.
+"""Pieces shared by the ZMQ clients (`ZmqClient`, `AsyncZmqClient`): request ids, timeouts, replies.
 
-- `open_endpoint` / `close_endpoints`: one DEALER per endpoint (``ZMQ_IMMEDIATE``, high-water marks)
-  with the PAIR socket of its monitor, and their teardown;
 - `RequestIds`: request ids 1, 2, ... wrapping inside u64;
 - `to_timeout_us` / `remaining_us`: a request's timeout, and what is left of it, as the deadline sent;
 - `decode_pending`, `unpack_reply`, `moves_on`, `can_move`: what to do with a reply: drop it (late,
@@ -11,15 +9,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import time
 from collections.abc import Callable, Container
 from typing import Any
-
-import zmq
 
 from engine.errors import InternalError, InvalidArgument, ResourceExhausted, Unavailable
 from servers.client.endpoints import EndpointPool
@@ -28,16 +23,8 @@ from servers.zmq_protocol import MAX_REQUEST_ID, Frames, MsgType, Reply, decode_
 #: Both clients log under the name of the public module, whichever module holds the code.
 log = logging.getLogger("servers.client.zmq_client")
 
-#: Send/receive high-water mark of each client socket, in messages.
-HIGH_WATER_MARK = 10_000
-#: How long a dropped connection waits before it reconnects (libzmq's default, set explicitly: the
-#: sync client relies on it to read connection news only every half of it).
+#: How long a connection that failed waits before it tries again (libzmq's default interval).
 RECONNECT_IVL_MS = 100
-#: Socket monitor events the clients act on. libzmq reports a drop before the socket has let go of
-#: the dropped connection's pipe, and a message sent in between goes into that pipe and is lost
-#: without a trace: so after a DISCONNECTED an endpoint is *stale*, and nothing is sent on it until
-#: its next CONNECTED (one reconnect interval later, long after the pipe is gone).
-MONITOR_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
 
 #: Builds a request's frames for one attempt: (request id, timeout in microseconds) -> frames.
 Build = Callable[[int, int], Frames]
@@ -80,30 +67,6 @@ def moves_on(reply: Reply) -> bool:
     return isinstance(reply.error, Unavailable | ResourceExhausted)
 
 
-def open_endpoint(ctx: zmq.Context[Any], endpoint: str) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-    """A connected DEALER for ``endpoint`` and the PAIR socket of its monitor."""
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
-    sock.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
-    # Queue only on completed connections: a send to a down endpoint fails (EAGAIN) instead of
-    # waiting in a pipe for a server that may never come back.
-    sock.setsockopt(zmq.IMMEDIATE, 1)
-    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
-    monitor = sock.get_monitor_socket(MONITOR_EVENTS)
-    sock.connect(endpoint)
-    return sock, monitor
-
-
-def close_endpoints(pairs: list[tuple[zmq.Socket[Any], zmq.Socket[Any]]], ctx: zmq.Context[Any]) -> None:
-    for sock, monitor in pairs:
-        with contextlib.suppress(zmq.ZMQError):
-            sock.disable_monitor()
-        monitor.close(linger=0)
-        sock.close(linger=0)
-    ctx.term()
-
-
 def can_move(pool: EndpointPool, tried: Container[int], current: int) -> bool:
     """Whether an endpoint other than ``current`` is left that has not failed this request."""
     return any(i != current and i not in tried for i in range(len(pool)))
@@ -136,15 +99,12 @@ def decode_pending(frames: list[memoryview], pending: Container[int], endpoint: 
 
 
 __all__ = [
-    "HIGH_WATER_MARK",
-    "MONITOR_EVENTS",
+    "RECONNECT_IVL_MS",
     "Build",
     "RequestIds",
     "can_move",
-    "close_endpoints",
     "decode_pending",
     "moves_on",
-    "open_endpoint",
     "remaining_us",
     "to_timeout_us",
     "unpack_reply",

@@ -32,8 +32,11 @@ MAX_FRAME_BYTES = 1 << 30
 HIGH_WATER_BYTES = 8 << 20
 
 
-class _Dealer(ServerConnection):
-    def __init__(self, owner: DealerConnection) -> None:
+class DealerZmtp(ServerConnection):
+    """`servers.zmtp`'s sans-IO connection as a DEALER that talks only to a ROUTER, with a client's
+    limits (both clients' connections build on it)."""
+
+    def __init__(self) -> None:
         super().__init__(
             max_frame_bytes=MAX_FRAME_BYTES,
             max_message_bytes=MAX_FRAME_BYTES,
@@ -41,6 +44,11 @@ class _Dealer(ServerConnection):
             socket_type=b"DEALER",
             accepts=frozenset((b"ROUTER",)),
         )
+
+
+class _Dealer(DealerZmtp):
+    def __init__(self, owner: DealerConnection) -> None:
+        super().__init__()
         self._owner = owner
 
     def on_ready(self) -> None:
@@ -192,4 +200,4 @@ def tcp_address(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-__all__ = ["HIGH_WATER_BYTES", "DealerConnection", "ZmtpError", "connect", "tcp_address"]
+__all__ = ["HIGH_WATER_BYTES", "DealerConnection", "DealerZmtp", "ZmtpError", "connect", "tcp_address"]
