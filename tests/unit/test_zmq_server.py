@@ -686,6 +686,65 @@ def test_clients_reach_a_server_by_host_name(server: ServerThread, kind: str) ->
     assert (out["OUTPUT0"] == 5).all()
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_server_that_drops_every_connection_after_its_handshake_is_not_hammered(kind: str) -> None:
+    # A peer that completes the handshake and hangs up at once: the clients reconnect at once only
+    # after a connection that had been up a while, so here they wait the interval between tries.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    port = listener.getsockname()[1]
+    accepted = 0
+    stop = threading.Event()
+    hello = zmtp.GREETING + zmtp.ready([(b"Socket-Type", b"ROUTER")])
+
+    def serve() -> None:
+        nonlocal accepted
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            accepted += 1
+            with conn:
+                conn.sendall(hello)
+                conn.settimeout(1.0)
+                with contextlib.suppress(OSError):
+                    conn.recv(4096)  # the client's greeting and READY
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    x = {"INPUT0": np.ones((1, 2), np.float32)}
+    started = time.monotonic()
+    failures = 0
+    try:
+        if kind == "sync":
+            with ZmqClient(endpoint, timeout_s=0.2) as c:
+                while time.monotonic() - started < 0.6:
+                    with contextlib.suppress(DeadlineExceeded, Unavailable):
+                        c.infer("identity", x)
+                    failures += 1
+        else:
+
+            async def main() -> int:
+                failed = 0
+                async with AsyncZmqClient(endpoint, timeout_s=0.2) as ac:
+                    while time.monotonic() - started < 0.6:
+                        with contextlib.suppress(DeadlineExceeded, Unavailable):
+                            await ac.infer("identity", x)
+                        failed += 1
+                return failed
+
+            failures = asyncio.run(main())
+        elapsed = time.monotonic() - started
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert failures >= 2 and accepted >= 2  # requests kept failing, the clients kept reconnecting
+    assert accepted <= elapsed / RECONNECT_INTERVAL_S + 2
+
+
 def test_clients_take_only_tcp_endpoints() -> None:
     for bad in ("ipc:///tmp/engine.sock", "tcp://127.0.0.1", "127.0.0.1:7211", "tcp://host:port"):
         with pytest.raises(ValueError, match="tcp://host:port"):
