@@ -52,6 +52,11 @@ class DeadlineHeap(Generic[K]):
     def __len__(self) -> int:
         return len(self._heap)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop whose timer fires."""
+        return self._loop
+
     def watch(self, due_ns: int, key: K) -> None:
         """Expire ``key`` at ``due_ns`` unless it has ended by then."""
         if self._closed:

@@ -19,6 +19,7 @@ taken some: the high-water mark.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from servers.client.zmq_common import (
     unpack_reply,
 )
 from servers.client.zmtp_dealer import DealerConnection, ZmtpError, connect, tcp_address
+from servers.deadlines import DeadlineHeap
 from servers.zmq_protocol import Frames, MsgType, Reply, encode_metadata_request, encode_ping, encode_request
 
 #: how long a dropped (or refused) connection waits before it tries again, as libzmq's DEALER does
@@ -53,6 +55,29 @@ CONNECT_TIMEOUT_S = 5.0
 
 class _Lost(Exception):
     """The connection an attempt was sent on dropped before its reply (another endpoint is left)."""
+
+
+class _Expired(Exception):
+    """A call's deadline passed (raised into what it awaits)."""
+
+
+@dataclass(eq=False)
+class _Call:
+    """One request across its attempts, as its deadline sees it."""
+
+    waiting: asyncio.Future[Any] | None = None  # what it awaits now
+    expired: bool = False
+    ended: bool = False
+
+
+def _expire(call: _Call) -> None:
+    call.expired = True
+    if call.waiting is not None and not call.waiting.done():
+        call.waiting.set_exception(_Expired())
+
+
+def _is_live(call: _Call) -> bool:
+    return not call.ended
 
 
 @dataclass(eq=False)
@@ -99,6 +124,8 @@ class AsyncZmqClient:
         #: futures of senders waiting for a connection to come up, or for room on one
         self._waiters: list[asyncio.Future[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._deadlines: DeadlineHeap[_Call] | None = None
+        self._live_calls = 0
         self._running = False  # the connection keepers are up
         self._closed = False
 
@@ -159,6 +186,8 @@ class AsyncZmqClient:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._fail_pending(Unavailable("client closed"))
         self._wake_senders()
+        if self._deadlines is not None:
+            self._deadlines.close()
 
     async def __aenter__(self) -> AsyncZmqClient:
         return self
@@ -193,39 +222,56 @@ class AsyncZmqClient:
         to_timeout_us(timeout)
         self._start()
         deadline = time.monotonic() + timeout
+        call = _Call()
+        self._live_calls += 1
+        self._deadline_heap().watch(time.monotonic_ns() + math.ceil(timeout * 1e9), call)
         tried: list[int] = []
         request_id = 0
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    request_id = self._ids.next()
-                    attempt = await self._send(request_id, build(request_id, remaining_us(deadline)), tried)
-                    try:
-                        reply = await attempt.future
-                    except _Lost:
-                        tried.append(attempt.endpoint)
-                        continue
-                    finally:
-                        # dropped on every path, so a late reply finds nothing and is ignored
-                        self._pending.pop(request_id, None)
-                        if attempt.future.done() and not attempt.future.cancelled():
-                            attempt.future.exception()  # retrieved: asyncio logs none as lost
-                    if moves_on(reply) and can_move(self.pool, tried, attempt.endpoint):
-                        if isinstance(reply.error, Unavailable):
-                            self.pool.mark_down(attempt.endpoint)
-                        tried.append(attempt.endpoint)
-                        continue
-                    return unpack_reply(reply, expected)
-        except TimeoutError:
+            while True:
+                request_id = self._ids.next()
+                attempt = await self._send(request_id, build(request_id, remaining_us(deadline)), tried, call)
+                call.waiting = attempt.future
+                try:
+                    reply = await attempt.future
+                except _Lost:
+                    tried.append(attempt.endpoint)
+                    continue
+                finally:
+                    # dropped on every path, so a late reply finds nothing and is ignored
+                    self._pending.pop(request_id, None)
+                    if attempt.future.done() and not attempt.future.cancelled():
+                        attempt.future.exception()  # retrieved: asyncio logs none as lost
+                if moves_on(reply) and can_move(self.pool, tried, attempt.endpoint):
+                    if isinstance(reply.error, Unavailable):
+                        self.pool.mark_down(attempt.endpoint)
+                    tried.append(attempt.endpoint)
+                    continue
+                return unpack_reply(reply, expected)
+        except _Expired:
             raise DeadlineExceeded(
                 f"no reply to request {request_id} from {self.endpoint} within {timeout} s"
             ) from None
+        finally:
+            call.ended = True
+            self._live_calls -= 1
 
-    async def _send(self, request_id: int, frames: Frames, tried: list[int]) -> _Attempt:
+    def _deadline_heap(self) -> DeadlineHeap[_Call]:
+        # Every call's timeout on one heap and one loop timer: asyncio.timeout per call cost 7-9 µs
+        # of the ~30 this client spent per request (measured at 64 in flight).
+        loop = asyncio.get_running_loop()
+        heap = self._deadlines
+        if heap is None or heap.loop is not loop:
+            heap = self._deadlines = DeadlineHeap(loop, _expire, _is_live, lambda: self._live_calls)
+        return heap
+
+    async def _send(self, request_id: int, frames: Frames, tried: list[int], call: _Call) -> _Attempt:
         """Queue on the first candidate endpoint whose connection takes the message now; when none
         does (none is up, or all are full), wait until one can."""
         loop = asyncio.get_running_loop()
         while True:
+            if call.expired:
+                raise _Expired
             if self._closed:
                 raise Unavailable("client is closed")
             for index in self.pool.candidates(exclude=tried):
@@ -236,9 +282,10 @@ class AsyncZmqClient:
                 self._pending[request_id] = attempt
                 conn.send(frames)
                 return attempt
-            # bounded by the caller's timeout; woken by a connection that comes up or has room
+            # bounded by the call's deadline; woken by a connection that comes up or has room
             waiter: asyncio.Future[None] = loop.create_future()
             self._waiters.append(waiter)
+            call.waiting = waiter
             try:
                 await waiter
             finally:

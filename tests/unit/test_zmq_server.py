@@ -602,6 +602,36 @@ def test_ping_timeout_when_nobody_listens() -> None:
         ctx.term()
 
 
+def test_async_timeouts_while_waiting_for_a_reply_and_for_a_connection() -> None:
+    # the deadline ends a call wherever it waits: for a reply (a server that never answers), or
+    # for a connection (a port nobody listens on: connects are refused)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+
+    async def expect_timeout(endpoint: str) -> float:
+        async with AsyncZmqClient(endpoint, timeout_s=0.15) as ac:
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match=r"within 0\.15 s"):
+                await asyncio.wait_for(ac.ping(), 5)  # a client that missed it fails here, not hangs
+            took = time.monotonic() - started
+            # the next call gets its own deadline
+            with pytest.raises(DeadlineExceeded):
+                await asyncio.wait_for(ac.ping(timeout_s=0.05), 5)
+            return took
+
+    try:
+        for endpoint in (f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{closed_port}"):
+            took = asyncio.run(expect_timeout(endpoint))
+            assert 0.14 <= took < 1.0, endpoint
+    finally:
+        silent.close(linger=0)
+        ctx.term()
+
+
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_requests_in_flight_at_stop_are_answered_before_the_socket_closes(kind: str) -> None:
     # Stopping drains: the answers of requests admitted before the stop must reach the client,
