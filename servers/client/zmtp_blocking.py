@@ -165,6 +165,8 @@ class BlockingLink:
         self._take_output()
         if flush:
             self.flush()
+        else:
+            self._watch()  # the next poll writes it, if the caller does not flush first
 
     def flush(self) -> None:
         """Write what the kernel takes now; the poll watches for room for the rest."""
