@@ -37,8 +37,8 @@ ENDPOINT_OF = {"grpc": "grpc", "zmq": "zmq", "rest": "rest"}
 #: call), or ``grpcio``, grpc.aio (grpc core: what most Python services call with)
 GRPC_CLIENTS = ("h2", "grpcio")
 #: ZMQ load clients: ``zmtp``, a DEALER spoken by hand (`servers.client.zmtp_dealer`, as the engine's
-#: asyncio client speaks; about half pyzmq's client CPU per request), or ``pyzmq`` (libzmq: what the
-#: engine's blocking client uses)
+#: asyncio client speaks; about half pyzmq's client CPU per request), or ``pyzmq`` (libzmq: what most
+#: Python services would call a ZMQ server with)
 ZMQ_CLIENTS = ("zmtp", "pyzmq")
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
