@@ -339,34 +339,21 @@ def decode_request(frames: Sequence[Buffer]) -> Request:
     """
     if not frames:
         raise InvalidArgument("empty message")
-    head = _bytes_view(frames[0])
-    if head.nbytes > PREFIX_SIZE:
-        magic, version, msg_type, _, request_id, timeout_us, json_len = PREFIX.unpack_from(head)
-        if msg_type == _REQUEST and head.nbytes == PREFIX_SIZE + json_len and magic == MAGIC:
-            # a client sends the same JSON for every request of a shape: parsed and checked once
-            key = bytes(head[PREFIX_SIZE:])
-            known = _KNOWN_REQUESTS.get(key)
-            if known is not None and version == VERSION:
-                model, specs, outputs, token = known
-                return Request(
-                    MsgType.REQUEST,
-                    request_id,
-                    timeout_us,
-                    model,
-                    _inputs(specs, frames[1:]),
-                    outputs,
-                    token,
-                )
-            request = _decode_request(frames)
-            if len(key) <= _KNOWN_KEY_BYTES:
-                if len(_KNOWN_REQUESTS) >= _KNOWN_MAX:
-                    _KNOWN_REQUESTS.clear()
-                specs = tuple(
-                    (i.name, i.datatype, i.shape, _bytes_view(i.data).nbytes) for i in request.inputs
-                )
-                _KNOWN_REQUESTS[key] = (request.model, specs, request.outputs, request.token)
-            return request
-    return _decode_request(frames)
+    # a client sends the same JSON for every request of a shape: parsed and checked once
+    seen = _body_key(frames[0], _REQUEST)
+    if seen is None:
+        return _decode_request(frames)
+    key, request_id, timeout_us = seen
+    known = _KNOWN_REQUESTS.get(key)
+    if known is not None:
+        model, specs, outputs, token = known
+        return Request(
+            MsgType.REQUEST, request_id, timeout_us, model, _inputs(specs, frames[1:]), outputs, token
+        )
+    request = _decode_request(frames)
+    specs = tuple((i.name, i.datatype, i.shape, _bytes_view(i.data).nbytes) for i in request.inputs)
+    _remember(_KNOWN_REQUESTS, key, (request.model, specs, request.outputs, request.token))
+    return request
 
 
 _REQUEST = int(MsgType.REQUEST)
@@ -375,6 +362,26 @@ _Spec = tuple[str, str, tuple[int, ...], int]
 _KNOWN_REQUESTS: dict[bytes, tuple[str, tuple[_Spec, ...], tuple[str, ...] | None, str | None]] = {}
 _KNOWN_MAX = 512
 _KNOWN_KEY_BYTES = 2048
+
+
+def _body_key(frame: Buffer, msg_type: int) -> tuple[bytes, int, int] | None:
+    """(JSON body, request id, timeout) of a well-formed header frame of type ``msg_type`` in this
+    protocol version, else None (the full decoder then says what is wrong)."""
+    head = _bytes_view(frame)
+    if head.nbytes <= PREFIX_SIZE:
+        return None
+    magic, version, kind, _, request_id, timeout_us, json_len = PREFIX.unpack_from(head)
+    if kind != msg_type or head.nbytes != PREFIX_SIZE + json_len or magic != MAGIC or version != VERSION:
+        return None
+    return bytes(head[PREFIX_SIZE:]), request_id, timeout_us
+
+
+def _remember(memory: dict[bytes, Any], key: bytes, value: Any) -> None:
+    """Keep ``value`` for a JSON body seen; a memory that is full starts over rather than grow."""
+    if len(key) <= _KNOWN_KEY_BYTES:
+        if len(memory) >= _KNOWN_MAX:
+            memory.clear()
+        memory[key] = value
 
 
 def _inputs(specs: Sequence[_Spec], frames: Sequence[Buffer]) -> tuple[InferInput, ...]:
@@ -494,16 +501,12 @@ def decode_reply(frames: Sequence[Buffer]) -> Reply:
     """
     if not frames:
         raise InvalidArgument("empty reply")
-    head = _bytes_view(frames[0])
-    key = b""
-    if head.nbytes > PREFIX_SIZE:
-        magic, version, msg_type, _, request_id, _, json_len = PREFIX.unpack_from(head)
-        if msg_type == _REPLY and head.nbytes == PREFIX_SIZE + json_len and magic == MAGIC:
-            # a server answers a model and shape with the same JSON every time: parsed and checked once
-            key = bytes(head[PREFIX_SIZE:])
-            known = _KNOWN_REPLY_SPECS.get(key)
-            if known is not None and version == VERSION:
-                return Reply(MsgType.REPLY, request_id, outputs=_outputs(known, frames[1:]))
+    # a server answers a model and shape with the same JSON every time: parsed and checked once
+    seen = _body_key(frames[0], _REPLY)
+    if seen is not None:
+        known = _KNOWN_REPLY_SPECS.get(seen[0])
+        if known is not None:
+            return Reply(MsgType.REPLY, seen[1], outputs=_outputs(known, frames[1:]))
     header = decode_header(frames[0])
     kind, body, rid = header.msg_type, header.body, header.request_id
     if kind is MsgType.REPLY:
@@ -512,10 +515,8 @@ def decode_reply(frames: Sequence[Buffer]) -> Reply:
             for name, datatype, shape, nbytes in _tensor_specs(_list(body, "outputs"), "output")
         )
         arrays = _outputs(specs, frames[1:])
-        if key and len(key) <= _KNOWN_KEY_BYTES:
-            if len(_KNOWN_REPLY_SPECS) >= _KNOWN_MAX:
-                _KNOWN_REPLY_SPECS.clear()
-            _KNOWN_REPLY_SPECS[key] = specs
+        if seen is not None:
+            _remember(_KNOWN_REPLY_SPECS, seen[0], specs)
         return Reply(kind, rid, outputs=arrays)
     if len(frames) != 1:
         raise InvalidArgument(f"a {kind.name} reply is one frame, got {len(frames)}")
