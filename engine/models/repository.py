@@ -45,7 +45,7 @@ _KEYS = frozenset(
     {"name", "backend", "source", "version", "max_batch_size", "dynamic_batching", "inputs", "outputs"}
     | {"devices", "num_threads", "allow_nan", "prepack_linear", "warmup_batch_sizes"}
 )
-_BATCHING_KEYS = frozenset({"max_queue_delay_us", "preferred_batch_sizes"})
+_BATCHING_KEYS = frozenset({"max_queue_delay_us", "preferred_batch_sizes", "pipeline_rows"})
 _TENSOR_KEYS = frozenset({"name", "datatype", "shape"})
 # Model names travel in URLs (/v2/models/{name}) and shared-memory headers: keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -237,6 +237,9 @@ def _batching(f: _Fields, data: Mapping[Any, Any], max_batch: int) -> DynamicBat
         if len(set(sizes)) != len(sizes):
             f.fail(field, sizes, "a size is listed twice")
         kwargs["preferred_batch_sizes"] = tuple(sorted(sizes))
+    if "pipeline_rows" in raw:
+        rows = raw["pipeline_rows"]
+        kwargs["pipeline_rows"] = f.integer("dynamic_batching.pipeline_rows", rows, lo=0, hi=max_batch)
     return DynamicBatching(**kwargs)
 
 

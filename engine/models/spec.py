@@ -45,10 +45,17 @@ class DynamicBatching:
             runs sooner when every request the front-ends admitted is already queued (nobody else
             could join), unless ``preferred_batch_sizes`` are named.
         preferred_batch_sizes: batch sizes the batcher sends as soon as it can fill one.
+        pipeline_rows: when > 0, a queue of at least this many rows runs at once instead of
+            waiting for companions, and a ZMQ front-end coalesces at most this many rows into one
+            request. Batches of part of the requests in flight let the front-ends answer one while
+            the next computes: on CPU, where the model shares the cores with the front-ends and
+            the clients, one batch of every request in flight leaves them idle while it runs.
+            0 (the default): off.
     """
 
     max_queue_delay_us: int = 500
     preferred_batch_sizes: tuple[int, ...] = ()
+    pipeline_rows: int = 0
 
 
 @dataclass(frozen=True)

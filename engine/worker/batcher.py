@@ -140,13 +140,19 @@ class Batcher(Generic[T]):
         max_queue_delay_ns: longest the oldest item of a group waits for companions.
         preferred_batch_sizes: batch sizes sent as soon as a FIFO prefix fills one exactly; each must
             be in ``1..max_batch_size`` (unused when ``max_batch_size`` is 0).
+        pipeline_rows: when > 0, a group of at least this many queued rows is ready at once, and
+            sends all of them (up to ``max_batch_size``); in ``0..max_batch_size``.
 
     Raises:
         ValueError: a negative size or delay, or a preferred size out of range.
     """
 
     def __init__(
-        self, max_batch_size: int, max_queue_delay_ns: int, preferred_batch_sizes: Sequence[int] = ()
+        self,
+        max_batch_size: int,
+        max_queue_delay_ns: int,
+        preferred_batch_sizes: Sequence[int] = (),
+        pipeline_rows: int = 0,
     ) -> None:
         if max_batch_size < 0:
             raise ValueError(f"max_batch_size must be >= 0, got {max_batch_size}")
@@ -158,8 +164,11 @@ class Batcher(Generic[T]):
                     raise ValueError(
                         f"preferred batch size {size} is outside 1..max_batch_size ({max_batch_size})"
                     )
+        if not 0 <= pipeline_rows <= max_batch_size:
+            raise ValueError(f"pipeline_rows {pipeline_rows} is outside 0..max_batch_size ({max_batch_size})")
         self.max_batch_size = max_batch_size
         self.max_queue_delay_ns = max_queue_delay_ns
+        self.pipeline_rows = pipeline_rows
         # largest first: the first hit is the one to send
         self.preferred_batch_sizes: tuple[int, ...] = (
             tuple(sorted(set(preferred_batch_sizes), reverse=True)) if max_batch_size > 0 else ()
@@ -283,10 +292,13 @@ class Batcher(Generic[T]):
         return None
 
     def _size_target(self, group: _Group) -> int:
-        """Rows to send for a group that is ready by size: max when full, else the largest preferred
-        size a FIFO prefix hits exactly (0 when none)."""
+        """Rows to send for a group that is ready by size: max when full, all queued at
+        ``pipeline_rows`` or more, else the largest preferred size a FIFO prefix hits exactly (0
+        when none)."""
         if group.rows >= self.max_batch_size:
             return self.max_batch_size
+        if self.pipeline_rows and group.rows >= self.pipeline_rows:
+            return group.rows
         for size in self.preferred_batch_sizes:
             if size <= group.rows and group.base + size in group.ends:
                 return size

@@ -107,6 +107,7 @@ class WorkerCore:
                 s.max_batch_size,
                 s.dynamic_batching.max_queue_delay_us * 1000,
                 s.dynamic_batching.preferred_batch_sizes,
+                s.dynamic_batching.pipeline_rows,
             )
             for s in self.specs
         ]

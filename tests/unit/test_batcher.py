@@ -55,6 +55,29 @@ def test_full_batch_goes_before_the_delay() -> None:
     assert ids(b.next_batch(1_000)) == [items[4].id]
 
 
+def test_pipeline_rows_sends_all_queued_once_that_many_are_queued() -> None:
+    b: Batcher[Item] = Batcher(max_batch_size=8, max_queue_delay_ns=1_000, pipeline_rows=3)
+    items = [Item() for _ in range(2)] + [Item(rows=2)] + [Item(rows=3) for _ in range(3)]
+    b.add(items[0])
+    b.add(items[1])
+    assert b.next_batch(0) is None  # 2 rows: waits for companions
+    assert b.next_wakeup_ns() == 1_000
+    b.add(items[2])
+    assert b.next_wakeup_ns() == 0  # ready now
+    assert ids(b.next_batch(1)) == [i.id for i in items[:3]]  # all 4 rows, not just 3
+    for item in items[3:]:
+        b.add(item)
+    assert ids(b.next_batch(2)) == [i.id for i in items[3:5]]  # 9 rows queued: at most max (8)
+    assert ids(b.next_batch(3)) == [items[5].id]
+
+
+def test_pipeline_rows_out_of_range_is_refused() -> None:
+    with pytest.raises(ValueError, match="pipeline_rows"):
+        Batcher(max_batch_size=8, max_queue_delay_ns=0, pipeline_rows=9)
+    with pytest.raises(ValueError, match="pipeline_rows"):
+        Batcher(max_batch_size=8, max_queue_delay_ns=0, pipeline_rows=-1)
+
+
 def test_never_exceeds_max_and_never_splits() -> None:
     b: Batcher[Item] = Batcher(max_batch_size=4, max_queue_delay_ns=10)
     first, second = Item(rows=3), Item(rows=3)

@@ -51,7 +51,9 @@ def test_builtins_load() -> None:
     assert identity.dynamic_batching.max_queue_delay_us == 200
     mlp = repo.specs["mlp"]
     assert mlp.inputs[0] == TensorSpec("INPUT0", "FP32", (256,))
-    assert mlp.dynamic_batching == DynamicBatching(max_queue_delay_us=2000, preferred_batch_sizes=())
+    assert mlp.dynamic_batching == DynamicBatching(
+        max_queue_delay_us=2000, preferred_batch_sizes=(), pipeline_rows=32
+    )
     assert mlp.prepack_linear and not repo.specs["simple"].prepack_linear
     assert all(s.path is not None and s.path.is_dir() for s in repo.specs.values())
 
@@ -143,6 +145,9 @@ INVALID = [
     ("dynamic_batching.max_queue_delay_us", -5, "dynamic_batching.max_queue_delay_us", ">= 0"),
     ("dynamic_batching.preferred_batch_sizes", [8], "preferred_batch_sizes", "<= 4"),
     ("dynamic_batching.preferred_batch_sizes", [2, 2], "preferred_batch_sizes", "listed twice"),
+    ("dynamic_batching.pipeline_rows", 5, "dynamic_batching.pipeline_rows", "<= 4"),
+    ("dynamic_batching.pipeline_rows", -1, "dynamic_batching.pipeline_rows", ">= 0"),
+    ("dynamic_batching.pipeline_rows", "8", "dynamic_batching.pipeline_rows", "expected an integer"),
     ("inputs", [], "inputs", "non-empty list"),
     ("outputs", DELETE, "outputs", "non-empty list"),
     ("inputs.0.datatype", "FLOAT", "inputs[0].datatype", "unknown datatype"),
