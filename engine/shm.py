@@ -32,6 +32,8 @@ Batch output region (worker arena, one per computed batch, shared by the batch's
     +16  OutputDesc[n] (same layout as InputDesc; dims are the whole batch's)
     ...  tensor bytes, each 64-byte aligned
 
+A request descriptor's aux counts the client requests it stands for (a ZMQ front-end's coalesced
+group; 0 or 1: one), for the model's statistics.
 A response descriptor names the region (offset, length) and its rows (aux = first row, aux2 = rows);
 the front-end sends a RELEASE descriptor with the region offset when done and the worker frees the
 region when the last request of the batch has released it. An error response carries the error's

@@ -100,7 +100,9 @@ class ShmGateway:
         self._arena: Arena | None = None
         self._links: list[WorkerLink] = []
         self._pending: dict[int, PendingRequest] = {}
+        #: client requests in flight, per model and in all (a submission may stand for several)
         self._inflight = [0] * len(handles.specs)
+        self._requests = 0
         self._next_id = 1
         self._rr = 0
         self._buf = np.empty(256, dtype=DESC_DTYPE)
@@ -121,8 +123,8 @@ class ShmGateway:
 
     @property
     def inflight(self) -> int:
-        """Requests admitted and not yet answered."""
-        return len(self._pending)
+        """Requests admitted and not yet answered (a coalesced group counts its requests)."""
+        return self._requests
 
     def _publish_inflight(self) -> None:
         if self._control is not None:
@@ -260,8 +262,9 @@ class ShmGateway:
         *,
         outputs: Sequence[str] | None = None,
         deadline_ns: int | None = None,
+        requests: int = 1,
     ) -> asyncio.Future[ShmResult]:
-        return self._submit(model, inputs, outputs, deadline_ns)[1]
+        return self._submit(model, inputs, outputs, deadline_ns, requests)[1]
 
     def admit(
         self,
@@ -287,6 +290,7 @@ class ShmGateway:
         inputs: Sequence[InferInput],
         outputs: Sequence[str] | None,
         deadline_ns: int | None,
+        requests: int = 1,
     ) -> tuple[int, asyncio.Future[ShmResult]]:
         m = self.index.get(model)
         if m is None:
@@ -295,12 +299,12 @@ class ShmGateway:
         mask = output_mask(self.h.specs[m], outputs) if outputs else 0
         if self._closed or self._board(0) & 0xFFFFFFFF != SERVER_READY:
             raise Unavailable("server is not ready (starting or draining)")
-        if len(self._pending) >= self.h.max_inflight_per_frontend:
+        if self._requests + requests > self.h.max_inflight_per_frontend:
             raise ResourceExhausted(
-                f"this front-end has {len(self._pending)} requests in flight (max_inflight_per_frontend); "
+                f"this front-end has {self._requests} requests in flight (max_inflight_per_frontend); "
                 "retry later"
             )
-        if self._inflight[m] >= self.h.max_inflight_per_model:
+        if self._inflight[m] + requests > self.h.max_inflight_per_model:
             raise ResourceExhausted(
                 f"model {model!r} has {self._inflight[m]} requests in flight on this front-end; retry later"
             )
@@ -328,14 +332,15 @@ class ShmGateway:
         assert loop is not None
         future: asyncio.Future[ShmResult] = loop.create_future()
         if not link.request.push(
-            KIND_REQUEST, m, req_id, region, total, deadline_ns or 0, 0, 0, 0, self.h.gen
+            KIND_REQUEST, m, req_id, region, total, deadline_ns or 0, requests, 0, 0, self.h.gen
         ):
             arena.free(region)
             raise ResourceExhausted("request ring to the worker is full; retry later")
         link.word.notify()
-        self._pending[req_id] = PendingRequest(future, link, region, m, mask)
+        self._pending[req_id] = PendingRequest(future, link, region, m, mask, requests)
         link.pending.add(req_id)
-        self._inflight[m] += 1
+        self._inflight[m] += requests
+        self._requests += requests
         self._publish_inflight()
         if deadline_ns and self._deadlines is not None:
             # A hung worker must not hold the answer past the deadline: answer here, a little after
@@ -476,7 +481,8 @@ class ShmGateway:
                         self._release(link, offset, gen)
                     continue
                 link.pending.discard(req_id)
-                self._inflight[entry.model] -= 1
+                self._inflight[entry.model] -= entry.requests
+                self._requests -= entry.requests
                 arena = self._arena
                 assert arena is not None
                 arena.free(entry.region)
@@ -531,7 +537,8 @@ class ShmGateway:
         if entry is None:
             return
         entry.link.pending.discard(req_id)
-        self._inflight[entry.model] -= 1
+        self._inflight[entry.model] -= entry.requests
+        self._requests -= entry.requests
         if self._arena is not None:
             self._arena.free(entry.region)
         if not entry.future.done():

@@ -95,11 +95,13 @@ class Gateway(Protocol):
         *,
         outputs: Sequence[str] | None = None,
         deadline_ns: int | None = None,
+        requests: int = 1,
     ) -> asyncio.Future[Any]:
         """`infer` without a task: admits the request (raising at once what admission refuses) and
         returns the future of its `InferResult`. For callers that answer from a done callback
         instead of awaiting (the ZMQ front-end). Cancelling the future abandons the request: its
-        result, if one comes, is released by the gateway."""
+        result, if one comes, is released by the gateway. ``requests``: how many client requests
+        this one stands for (the ZMQ front-end's coalesced groups), for the model's statistics."""
         ...
 
     def admit(

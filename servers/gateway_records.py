@@ -67,16 +67,24 @@ class WorkerLink:
 class PendingRequest:
     """One admitted request awaiting its completion: the caller's future, where it went and what it holds."""
 
-    __slots__ = ("future", "link", "model", "outputs", "region")
+    __slots__ = ("future", "link", "model", "outputs", "region", "requests")
 
     def __init__(
-        self, future: asyncio.Future[Any], link: WorkerLink, region: int, model: int, outputs: int
+        self,
+        future: asyncio.Future[Any],
+        link: WorkerLink,
+        region: int,
+        model: int,
+        outputs: int,
+        requests: int = 1,
     ) -> None:
         self.future = future
         self.link = link
         self.region = region
         self.model = model
         self.outputs = outputs
+        #: client requests it stands for (a ZMQ front-end's coalesced group)
+        self.requests = requests
 
 
 class ShmResult:

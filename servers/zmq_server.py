@@ -44,7 +44,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, cast
 
 from engine.errors import EngineError, InternalError, ResourceExhausted, Unavailable
@@ -52,6 +52,7 @@ from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
 from servers.held_writes import HeldWrites, Release, run_releases
 from servers.observer import current as current_observer
 from servers.write_coalescing import CoalescedWrites
+from servers.zmq_coalescing import Group, Member, group_key, member_results
 from servers.zmq_protocol import (
     MAX_TENSORS,
     MsgType,
@@ -114,6 +115,13 @@ async def serve(
     """
     max_inflight = settings.max_inflight
     await ZmqFrontend(gateway, settings, max_inflight=max_inflight).run(on_bound, stop)
+
+
+def _deadline_ns(request: Request, received_ns: int) -> int:
+    """The request's absolute deadline on the monotonic clock, 0 when it has none."""
+    if not request.timeout_us:
+        return 0
+    return received_ns + min(request.timeout_us, MAX_TIMEOUT_US) * 1000
 
 
 class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
@@ -273,6 +281,12 @@ class ZmqFrontend:
         self._tokens = tuple(t.encode() for t in settings.auth_tokens)
         #: the gateway's futures of the requests in flight
         self._pending: set[asyncio.Future[Any]] = set()
+        #: requests admitted and not yet answered (grouped ones count one each)
+        self._admitted = 0
+        #: groups forming in this loop iteration, by `group_key`
+        self._forming: dict[Hashable, Group] = {}
+        self._forming_scheduled = False
+        self._specs = {name: gateway.model_spec(name) for name in gateway.model_names()}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._replied_at = 0.0  # time.monotonic() of the last reply sent
         self._observer = current_observer("zmq", gateway.model_names())
@@ -317,6 +331,7 @@ class ZmqFrontend:
             log.info("%s: stopped", self.prefix)
 
     async def _drain(self) -> None:
+        self._submit_forming()  # admitted before the stop: answered like the others
         if not self._pending:
             return
         log.info("%s: waiting for %d in-flight requests", self.prefix, len(self._pending))
@@ -380,13 +395,13 @@ class ZmqFrontend:
                 return
             if self.stopping:
                 raise Unavailable("server is shutting down")
-            if len(self._pending) >= self.max_inflight:
+            if self._admitted >= self.max_inflight:
                 busy = ResourceExhausted(
-                    f"server busy: {len(self._pending)} requests in flight (max_inflight {self.max_inflight})"
+                    f"server busy: {self._admitted} requests in flight (max_inflight {self.max_inflight})"
                 )
                 self._observer.record(request.model, busy, str(request_id))
                 raise busy
-            self._submit(peer, request, received_ns)
+            self._admit(peer, request, received_ns)
         except EngineError as exc:
             if request_id < 0:
                 request_id = peek_request_id(parts[0])
@@ -408,32 +423,98 @@ class ZmqFrontend:
         if not ok:
             raise Unauthenticated("missing or invalid auth token")
 
-    def _submit(self, peer: Peer, request: Request, received_ns: int) -> None:
-        # no task per request: the gateway's future answers through a done callback
-        deadline_ns = None
-        if request.timeout_us:
-            deadline_ns = received_ns + min(request.timeout_us, MAX_TIMEOUT_US) * 1000
+    def _admit(self, peer: Peer, request: Request, received_ns: int) -> None:
+        """Submit ``request`` now, or hold it in a group with the requests like it that this loop
+        iteration brings (`servers.zmq_coalescing`), submitted together when the iteration ends."""
+        spec = self._specs.get(request.model)
+        key = None if spec is None else group_key(request, spec)
+        if spec is None or key is None:
+            self._submit(peer, request, received_ns)
+            return
         started = self._observer.begin(request.model, str(request.request_id))
+        deadline_ns = _deadline_ns(request, received_ns)
+        group = self._forming.get(key)
+        if group is not None and not group.fits(request, deadline_ns):
+            self._submit_group(self._forming.pop(key))
+            group = None
+        if group is None:
+            group = self._forming[key] = Group(spec)
+            if not self._forming_scheduled:
+                self._forming_scheduled = True
+                self.loop.call_soon(self._submit_forming)
+        group.add(Member(peer, request, deadline_ns, started))
+        self._admitted += 1
+        if group.full:
+            # to the worker now, which may start on it while this iteration reads on
+            self._submit_group(self._forming.pop(key))
+
+    def _submit_forming(self) -> None:
+        self._forming_scheduled = False
+        forming, self._forming = self._forming, {}
+        for group in forming.values():
+            self._submit_group(group)
+
+    def _submit_group(self, group: Group) -> None:
+        members = group.members
+        first = members[0]
+        if len(members) == 1:
+            self._submit_alone(first)
+            return
+        request = first.request
         try:
             future = self.gateway.submit(
-                request.model, request.inputs, outputs=request.outputs, deadline_ns=deadline_ns
+                request.model,
+                group.inputs(),
+                outputs=request.outputs,
+                deadline_ns=group.deadline_ns or None,
+                requests=len(members),
             )
-        except BaseException as exc:
-            self._observer.end(request.model, started, exc)
-            raise
+        except ResourceExhausted:
+            # a bound on requests in flight that the whole group would pass: each is admitted or
+            # refused alone, as it would have been without the group
+            for member in members:
+                self._submit_alone(member)
+            return
+        except Exception as exc:
+            self._admitted -= len(members)
+            for member in members:
+                self._fail(member.peer, member.request, member.started, exc)
+            return
         self._pending.add(future)
-        future.add_done_callback(lambda f: self._answer(peer, request, started, f))
+        future.add_done_callback(lambda f: self._answer_group(members, f))
 
-    def _answer(self, peer: Peer, request: Request, started: Any, future: asyncio.Future[Any]) -> None:
+    def _submit_alone(self, member: Member) -> None:
+        self._admitted -= 1  # counted again once submitted
+        try:
+            self._submit_admitted(member.peer, member.request, member.deadline_ns, member.started)
+        except Exception as exc:
+            self._fail(member.peer, member.request, member.started, exc)
+
+    def _answer_group(self, members: list[Member], future: asyncio.Future[Any]) -> None:
         self._pending.discard(future)
+        self._admitted -= len(members)
         if future.cancelled():
-            self._observer.end(request.model, started, asyncio.CancelledError())
+            for member in members:
+                self._observer.end(member.request.model, member.started, asyncio.CancelledError())
             return
         exc = future.exception()
-        if exc is None:
-            self._observer.end(request.model, started)
-            self._send_result(peer, request.request_id, future.result())
+        if exc is not None:
+            for member in members:
+                self._fail(member.peer, member.request, member.started, exc)
             return
+        try:
+            results = member_results(future.result(), members)
+        except Exception as err:
+            future.result().release()
+            for member in members:
+                self._fail(member.peer, member.request, member.started, err)
+            return
+        for member, result in zip(members, results, strict=True):
+            self._observer.end(member.request.model, member.started)
+            self._send_result(member.peer, member.request.request_id, result)
+
+    def _fail(self, peer: Peer, request: Request, started: Any, exc: BaseException) -> None:
+        """Answer an admitted request with the error its submission or its computation raised."""
         self._observer.end(request.model, started, exc)
         if isinstance(exc, EngineError):
             self._send_error(peer, request.request_id, exc)
@@ -446,6 +527,36 @@ class ZmqFrontend:
             exc_info=exc,
         )
         self._send_error(peer, request.request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
+
+    def _submit(self, peer: Peer, request: Request, received_ns: int) -> None:
+        started = self._observer.begin(request.model, str(request.request_id))
+        try:
+            self._submit_admitted(peer, request, _deadline_ns(request, received_ns), started)
+        except BaseException as exc:
+            self._observer.end(request.model, started, exc)
+            raise
+
+    def _submit_admitted(self, peer: Peer, request: Request, deadline_ns: int, started: Any) -> None:
+        # no task per request: the gateway's future answers through a done callback
+        future = self.gateway.submit(
+            request.model, request.inputs, outputs=request.outputs, deadline_ns=deadline_ns or None
+        )
+        self._admitted += 1
+        self._pending.add(future)
+        future.add_done_callback(lambda f: self._answer(peer, request, started, f))
+
+    def _answer(self, peer: Peer, request: Request, started: Any, future: asyncio.Future[Any]) -> None:
+        self._pending.discard(future)
+        self._admitted -= 1
+        if future.cancelled():
+            self._observer.end(request.model, started, asyncio.CancelledError())
+            return
+        exc = future.exception()
+        if exc is None:
+            self._observer.end(request.model, started)
+            self._send_result(peer, request.request_id, future.result())
+            return
+        self._fail(peer, request, started, exc)
 
     def _send_result(self, peer: Peer, request_id: int, result: InferResult) -> None:
         try:

@@ -133,7 +133,10 @@ class FakeGateway:
         *,
         outputs: Sequence[str] | None = None,
         deadline_ns: int | None = None,
+        requests: int = 1,
     ) -> asyncio.Future[FakeResult]:
+        if model in self.calls:
+            self.calls[model] += requests - 1  # a coalesced group counts its requests, as a worker does
         # through infer, so that subclasses overriding it (gates, failures) shape both paths
         return asyncio.ensure_future(self.infer(model, inputs, outputs=outputs, deadline_ns=deadline_ns))
 

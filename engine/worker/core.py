@@ -212,9 +212,9 @@ class WorkerCore:
             now = self.clock()
             for d in self._buf[:n].tolist():
                 # tuple order follows DESC_DTYPE
-                req_id, offset, length, deadline, _aux, _aux2, kind, model, _status, gen = d
+                req_id, offset, length, deadline, aux, _aux2, kind, model, _status, gen = d
                 if kind == KIND_REQUEST:
-                    self._admit(peer, req_id, offset, length, deadline, model, gen, now)
+                    self._admit(peer, req_id, offset, length, deadline, model, gen, now, aux or 1)
                 elif kind == KIND_RELEASE:
                     self._release(peer.f, offset, gen)
                 elif kind == KIND_CANCEL:
@@ -236,6 +236,7 @@ class WorkerCore:
         model: int,
         gen: int,
         now: int,
+        requests: int = 1,
     ) -> None:
         try:
             if gen != peer.acked:
@@ -267,6 +268,7 @@ class WorkerCore:
         except (IndexError, ValueError) as err:
             self._respond_error(peer.f, req_id, model, InvalidArgument(f"malformed request region: {err}"))
             return
+        pending.requests = requests
         last = self._last_arrival[model]
         self._last_arrival[model] = now
         if last:
@@ -294,7 +296,7 @@ class WorkerCore:
             for m, batcher in enumerate(self.batchers):
                 for p in batcher.pop_expired(now):
                     self._cancelled.discard((p.f, p.req_id))
-                    add_stat(self.control, self._stat_base[m], "expired", 1)
+                    add_stat(self.control, self._stat_base[m], "expired", p.requests)
                     self._respond_error(
                         p.f,
                         p.req_id,
@@ -336,11 +338,12 @@ class WorkerCore:
         if not live:
             return
         rows = sum(p.rows for p in live)
+        requests = sum(p.requests for p in live)
         start = self.clock()
         breaker = self.breakers[m]
         if not breaker.allow(start):
             err = self._breaker_error(m, start)
-            add_stat(self.control, self._stat_base[m], "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", requests)
             for p in live:
                 self._respond_error(p.f, p.req_id, m, err)
             return
@@ -349,7 +352,7 @@ class WorkerCore:
             outputs = self.run_batch(spec, m, inputs, rows)
             offset, total = write_outputs(self.arena, outputs, spec.max_batch_size > 0)
         except EngineError as err:
-            add_stat(self.control, self._stat_base[m], "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", requests)
             if isinstance(err, ModelError):
                 self._breaker_record(m, False)
             for p in live:
@@ -357,7 +360,7 @@ class WorkerCore:
             return
         except Exception as exc:  # an engine bug must not take the worker down
             log.exception("worker %s: batch of model %s failed", self.w, spec.name)
-            add_stat(self.control, self._stat_base[m], "failure", len(live))
+            add_stat(self.control, self._stat_base[m], "failure", requests)
             for p in live:
                 self._respond_error(p.f, p.req_id, m, InternalError(f"{type(exc).__name__}: {exc}"))
             return
@@ -371,8 +374,8 @@ class WorkerCore:
         self.regions[offset] = OutputRegion(len(live), holders)
         if breaker.state != CLOSED:
             self._breaker_record(m, True)
-        queue_ns = sum(start - p.arrival_ns for p in live)
-        count_batch(self.control, self._stat_base[m], len(live), rows, queue_ns, end - start)
+        queue_ns = sum((start - p.arrival_ns) * p.requests for p in live)
+        count_batch(self.control, self._stat_base[m], requests, rows, queue_ns, end - start)
         self.observer.batch(m, live, start, end)
 
     def _nobody_coming(self, m: int, batcher: Batcher[Pending]) -> bool:

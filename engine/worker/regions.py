@@ -57,6 +57,8 @@ class Pending:
     arrival_ns: int
     output_mask: int
     inputs: list[np.ndarray] = field(default_factory=list)
+    #: client requests this one stands for (a front-end's coalesced group), for the statistics
+    requests: int = 1
 
 
 @dataclass(slots=True)

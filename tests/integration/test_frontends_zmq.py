@@ -4,6 +4,8 @@ on the wire, deadlines, the message size limit, and 500 concurrent requests from
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -192,6 +194,8 @@ def test_500_concurrent_requests(engine_server: ServerProcess, rng: np.random.Ge
     rows = sample_inputs("mlp", n, rng)["INPUT0"]
     want = reference_outputs("mlp", {"INPUT0": rows})["OUTPUT0"]
 
+    requests0, inferences0, executions0 = _stats(engine_server, "mlp")
+
     async def run_all() -> list[dict[str, np.ndarray]]:
         async with AsyncZmqClient(engine_server.zmq_endpoint, timeout_s=TIMEOUT_S) as zc:
             return await zc.infer_many("mlp", [{"INPUT0": rows[i : i + 1]} for i in range(n)])
@@ -200,3 +204,16 @@ def test_500_concurrent_requests(engine_server: ServerProcess, rng: np.random.Ge
     assert len(results) == n
     for i, outputs in enumerate(results):
         assert_outputs("mlp", outputs, {"OUTPUT0": want[i : i + 1]})
+    # The front-end coalesces requests read together into one for the worker: the statistics
+    # still count each client request (and each row), and the model ran far fewer times.
+    requests, inferences, executions = _stats(engine_server, "mlp")
+    assert (requests - requests0, inferences - inferences0) == (n, n)
+    assert 0 < executions - executions0 < n // 4
+
+
+def _stats(server: ServerProcess, model: str) -> tuple[int, int, int]:
+    """(successful requests, inferences, executions) of ``model``, from its KServe statistics."""
+    with urllib.request.urlopen(f"http://{server.rest_address}/v2/models/{model}/stats", timeout=10) as r:
+        (stats,) = json.loads(r.read())["model_stats"]
+    success = int(stats["inference_stats"]["success"]["count"])
+    return success, int(stats["inference_count"]), int(stats["execution_count"])

@@ -1,0 +1,188 @@
+"""Request coalescing for the ZMQ front-end: small requests of one model, received in the same loop
+iteration, go to the workers as one request of all their rows.
+
+Why: at concurrency 64 a client's requests reach the front-end ~30 per read, and each one admitted on
+its own pays the gateway (region, ring descriptor, future, completion, release) and the worker
+(admission, batcher entry, answer descriptor) once. Those costs are per request, not per row: the
+worker would have put the rows in one batch anyway. A group of K requests pays them once.
+
+What may share a group (`group_key`): requests for the same batching model (``max_batch_size`` > 0),
+with the same inputs (names, order, datatypes, shapes: so also the same rows each), the same
+requested outputs, and deadlines within `MAX_DEADLINE_SPREAD_NS` of each other (or none); the group
+has the earliest of them, so no member is computed after its own. A group holds at most
+``max_batch_size`` rows and `MAX_GROUP_BYTES` of input; a request of more than `MAX_MEMBER_BYTES`
+goes alone. A group that
+reaches the model's ``dynamic_batching.pipeline_rows`` (else ``max_batch_size``) goes at once, so
+that the worker computes it while the front-end reads the rest. So every member of
+a group would be accepted or refused alone for the same reason, and a failure of the group (model
+error, deadline, worker death) is each member's answer.
+
+The group's result is shared: each member's reply views its own rows, and the group's output region
+goes back to the worker when every member has released its share (`SharedResult`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import numpy as np
+
+from engine.models.spec import ModelSpec
+from servers.gateway_api import InferInput, InferResult
+from servers.zmq_protocol import Request
+
+#: Inputs of one request (bytes) above which it is not coalesced: copying it into the group's buffer
+#: would cost more than the per-request overheads the group saves.
+MAX_MEMBER_BYTES = 64 * 1024
+#: Input bytes of one group at most (the group is copied once into one buffer before the gateway's
+#: arena write).
+MAX_GROUP_BYTES = 1 << 20
+#: How far apart the deadlines of one group's members may be. A client's timeouts are relative and
+#: run from when it sent each request, so the same timeout gives deadlines microseconds apart.
+MAX_DEADLINE_SPREAD_NS = 1_000_000
+
+
+def group_key(request: Request, spec: ModelSpec) -> Hashable | None:
+    """The key of the requests ``request`` may share a group with, or None when it goes alone
+    (a model that does not batch, a request with no batch dimension, a large one)."""
+    if spec.max_batch_size <= 0 or not request.inputs:
+        return None
+    shapes = []
+    size = 0
+    rows = -1
+    for item in request.inputs:
+        shape = item.shape
+        if not shape:
+            return None
+        if rows < 0:
+            rows = shape[0]
+        elif shape[0] != rows:
+            return None  # the gateway refuses it; alone, so the refusal is its own
+        shapes.append((item.name, item.datatype, shape))
+        size += _nbytes(item.data)
+    if not 0 < rows < spec.max_batch_size or size > MAX_MEMBER_BYTES:
+        return None
+    return (request.model, request.outputs, request.timeout_us > 0, tuple(shapes))
+
+
+def _nbytes(data: Any) -> int:
+    return data.nbytes if isinstance(data, memoryview | np.ndarray) else len(data)
+
+
+class Member:
+    """One request waiting in a group: where its reply goes, its absolute deadline (0: none) and its
+    observer token."""
+
+    __slots__ = ("deadline_ns", "peer", "request", "started")
+
+    def __init__(self, peer: Any, request: Request, deadline_ns: int, started: Any) -> None:
+        self.peer = peer
+        self.request = request
+        self.deadline_ns = deadline_ns
+        self.started = started
+
+
+class Group:
+    """Requests of one `group_key` for model ``spec``, collected in one loop iteration."""
+
+    __slots__ = ("deadline_ns", "max_rows", "members", "nbytes", "rows", "target_rows")
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.members: list[Member] = []
+        self.rows = 0
+        self.nbytes = 0
+        #: the earliest of the members' deadlines (0: they have none)
+        self.deadline_ns = 0
+        self.max_rows = spec.max_batch_size
+        #: rows at which the group goes to the worker without waiting for the iteration's end
+        self.target_rows = spec.dynamic_batching.pipeline_rows or spec.max_batch_size
+
+    def fits(self, request: Request, deadline_ns: int) -> bool:
+        """Whether ``request`` (due at ``deadline_ns``) can join without the group passing its row
+        or byte bound, or its deadlines spreading too far."""
+        return (
+            self.rows + request.inputs[0].shape[0] <= self.max_rows
+            and self.nbytes + _request_nbytes(request) <= MAX_GROUP_BYTES
+            and (not self.members or abs(deadline_ns - self.members[0].deadline_ns) <= MAX_DEADLINE_SPREAD_NS)
+        )
+
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.target_rows
+
+    def add(self, member: Member) -> None:
+        if member.deadline_ns and (not self.deadline_ns or member.deadline_ns < self.deadline_ns):
+            self.deadline_ns = member.deadline_ns
+        self.members.append(member)
+        self.rows += member.request.inputs[0].shape[0]
+        self.nbytes += _request_nbytes(member.request)
+
+    def inputs(self) -> list[InferInput]:
+        """The members' inputs stacked along the batch dimension (one copy of their bytes)."""
+        first = self.members[0].request
+        out = []
+        for j, item in enumerate(first.inputs):
+            data = b"".join([m.request.inputs[j].data for m in self.members])  # type: ignore[misc]
+            out.append(InferInput(item.name, item.datatype, (self.rows, *item.shape[1:]), data))
+        return out
+
+
+def _request_nbytes(request: Request) -> int:
+    return sum(_nbytes(item.data) for item in request.inputs)
+
+
+class SharedResult:
+    """A group's result, handed back to its gateway once each of ``shares`` holders has released."""
+
+    __slots__ = ("_left", "_result")
+
+    def __init__(self, result: InferResult, shares: int) -> None:
+        self._result = result
+        self._left = shares
+
+    def release_one(self) -> None:
+        self._left -= 1
+        if self._left == 0:
+            self._result.release()
+
+
+class MemberResult:
+    """One member's rows of a group's result (an `InferResult`); `release` gives its share back."""
+
+    __slots__ = ("_shared", "model", "outputs", "request_id")
+
+    def __init__(self, shared: SharedResult, model: str, outputs: dict[str, np.ndarray]) -> None:
+        self._shared: SharedResult | None = shared
+        self.model = model
+        self.request_id = ""
+        self.outputs = outputs
+
+    def release(self) -> None:
+        """Safe to call twice: only the first call counts."""
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            self.outputs = {}
+            shared.release_one()
+
+    def __enter__(self) -> MemberResult:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def member_results(result: InferResult, members: list[Member]) -> list[MemberResult]:
+    """Split a group's ``result`` into one result per member, each viewing its own rows (outputs of a
+    batching model carry the batch dimension first)."""
+    shared = SharedResult(result, len(members))
+    outputs = result.outputs
+    out = []
+    row = 0
+    for member in members:
+        rows = member.request.inputs[0].shape[0]
+        end = row + rows
+        views = {name: array[row:end] for name, array in outputs.items()}
+        out.append(MemberResult(shared, result.model, views))
+        row = end
+    return out
