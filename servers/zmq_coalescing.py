@@ -17,8 +17,9 @@ that the worker computes it while the front-end reads the rest. So every member 
 a group would be accepted or refused alone for the same reason, and a failure of the group (model
 error, deadline, worker death) is each member's answer.
 
-The group's result is shared: each member's reply views its own rows, and the group's output region
-goes back to the worker when every member has released its share (`SharedResult`).
+The group's result is shared: each member's reply views its own rows
+(`servers.zmq_protocol.encode_replies`), and the group's output region goes back to the worker when
+every member's reply has been sent (`SharedResult`).
 """
 
 from __future__ import annotations
@@ -145,44 +146,3 @@ class SharedResult:
         self._left -= 1
         if self._left == 0:
             self._result.release()
-
-
-class MemberResult:
-    """One member's rows of a group's result (an `InferResult`); `release` gives its share back."""
-
-    __slots__ = ("_shared", "model", "outputs", "request_id")
-
-    def __init__(self, shared: SharedResult, model: str, outputs: dict[str, np.ndarray]) -> None:
-        self._shared: SharedResult | None = shared
-        self.model = model
-        self.request_id = ""
-        self.outputs = outputs
-
-    def release(self) -> None:
-        """Safe to call twice: only the first call counts."""
-        shared, self._shared = self._shared, None
-        if shared is not None:
-            self.outputs = {}
-            shared.release_one()
-
-    def __enter__(self) -> MemberResult:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def member_results(result: InferResult, members: list[Member]) -> list[MemberResult]:
-    """Split a group's ``result`` into one result per member, each viewing its own rows (outputs of a
-    batching model carry the batch dimension first)."""
-    shared = SharedResult(result, len(members))
-    outputs = result.outputs
-    out = []
-    row = 0
-    for member in members:
-        rows = member.request.inputs[0].shape[0]
-        end = row + rows
-        views = {name: array[row:end] for name, array in outputs.items()}
-        out.append(MemberResult(shared, result.model, views))
-        row = end
-    return out

@@ -433,8 +433,39 @@ def encode_reply(request_id: int, outputs: Mapping[str, np.ndarray]) -> Frames:
         array = _wire_array(np.asarray(value))
         key.append((name, array.dtype.str, array.shape))
         frames.append(_raw(array))
+    payload = _reply_payload(tuple(key))
+    frames[0] = _reply_head(request_id, payload)
+    return frames
+
+
+def encode_replies(request_ids: Sequence[int], outputs: Mapping[str, np.ndarray], rows: int) -> list[Frames]:
+    """The REPLY frames of several requests of ``rows`` rows each whose outputs were computed
+    together: ``outputs`` hold their rows in the order of ``request_ids`` (batch dimension first).
+    Each reply is what `encode_reply` gives for its rows; the JSON body is made once and each
+    tensor frame is a view on the arrays (keep them valid until the frames are sent)."""
+    n = len(request_ids)
+    key: list[Any] = []
+    views: list[tuple[memoryview, int]] = []
+    for name, value in outputs.items():
+        array = _wire_array(np.asarray(value))
+        if array.ndim == 0 or array.shape[0] != n * rows:
+            raise InvalidArgument(f"output {name!r} of shape {list(array.shape)} is not {n} x {rows} rows")
+        key.append((name, array.dtype.str, (rows, *array.shape[1:])))
+        views.append((_raw(array), array.nbytes // n))
+    payload = _reply_payload(tuple(key))
+    replies = []
+    for i, request_id in enumerate(request_ids):
+        frames: Frames = [_reply_head(request_id, payload)]
+        for view, step in views:
+            frames.append(view[i * step : (i + 1) * step])
+        replies.append(frames)
+    return replies
+
+
+def _reply_payload(key: tuple[Any, ...]) -> bytes:
+    """The REPLY JSON body for outputs of these (name, dtype, shape)."""
     # replies of a model have the same few output shapes: their JSON is made once per shape
-    payload = _KNOWN_REPLIES.get(tuple(key))
+    payload = _KNOWN_REPLIES.get(key)
     if payload is None:
         entries = [
             {"name": name, "datatype": kserve_name(np.dtype(dtype)), "shape": list(shape)}
@@ -443,11 +474,14 @@ def encode_reply(request_id: int, outputs: Mapping[str, np.ndarray]) -> Frames:
         payload = orjson.dumps({"outputs": entries})
         if len(_KNOWN_REPLIES) >= _KNOWN_MAX:
             _KNOWN_REPLIES.clear()
-        _KNOWN_REPLIES[tuple(key)] = payload
+        _KNOWN_REPLIES[key] = payload
+    return payload
+
+
+def _reply_head(request_id: int, payload: bytes) -> bytes:
     if not 0 <= request_id <= MAX_REQUEST_ID:
         raise InvalidArgument(f"request id {request_id} does not fit in u64")
-    frames[0] = PREFIX.pack(MAGIC, VERSION, _REPLY, 0, request_id, 0, len(payload)) + payload
-    return frames
+    return PREFIX.pack(MAGIC, VERSION, _REPLY, 0, request_id, 0, len(payload)) + payload
 
 
 _REPLY = int(MsgType.REPLY)

@@ -52,7 +52,7 @@ from servers.gateway_api import Buffer, FrontendSettings, Gateway, InferResult
 from servers.held_writes import HeldWrites, Release, run_releases
 from servers.observer import current as current_observer
 from servers.write_coalescing import CoalescedWrites
-from servers.zmq_coalescing import Group, Member, group_key, member_results
+from servers.zmq_coalescing import Group, Member, SharedResult, group_key
 from servers.zmq_protocol import (
     MAX_TENSORS,
     MsgType,
@@ -62,6 +62,7 @@ from servers.zmq_protocol import (
     encode_error,
     encode_metadata_reply,
     encode_pong,
+    encode_replies,
     encode_reply,
     frames_nbytes,
     model_metadata,
@@ -197,20 +198,18 @@ class Peer(CoalescedWrites, ServerConnection, asyncio.Protocol):
 
     # -- replies ------------------------------------------------------------------------------------
 
-    def send(
-        self, frames: Sequence[Buffer], result: InferResult | None = None, *, large: bool = False
-    ) -> bool:
-        """Queue a reply; ``result`` (whose outputs ``frames`` may view) is released once they are
-        sent. ``large`` (at least `ZERO_COPY_THRESHOLD` bytes): written from where it lies instead of
-        copied into one buffer with the other replies. False when the connection is gone (the result
-        is released at once)."""
+    def send(self, frames: Sequence[Buffer], release: Release | None = None, *, large: bool = False) -> bool:
+        """Queue a reply; ``release`` (of the result whose outputs ``frames`` may view) runs once they
+        are sent. ``large`` (at least `ZERO_COPY_THRESHOLD` bytes): written from where it lies instead
+        of copied into one buffer with the other replies. False when the connection is gone (the
+        release runs at once)."""
         if self.transport is None or self.transport.is_closing():
-            if result is not None:
-                run_releases([result.release], self.frontend.prefix)
+            if release is not None:
+                run_releases([release], self.frontend.prefix)
             return False
         self.send_message(frames)
-        if result is not None:
-            self._queued.append(result.release)
+        if release is not None:
+            self._queued.append(release)
         self._large |= large
         self._schedule_flush()
         return True
@@ -502,16 +501,22 @@ class ZmqFrontend:
             for member in members:
                 self._fail(member.peer, member.request, member.started, exc)
             return
-        try:
-            results = member_results(future.result(), members)
-        except Exception as err:
-            future.result().release()
-            for member in members:
-                self._fail(member.peer, member.request, member.started, err)
-            return
-        for member, result in zip(members, results, strict=True):
+        result = future.result()
+        for member in members:
             self._observer.end(member.request.model, member.started)
-            self._send_result(member.peer, member.request.request_id, result)
+        try:
+            ids = [member.request.request_id for member in members]
+            # every member has the rows of the first (they share a group key)
+            replies = encode_replies(ids, result.outputs, members[0].request.inputs[0].shape[0])
+            size = self._reply_size(replies[0])
+        except Exception as err:
+            result.release()
+            for member in members:
+                self._reply_failed(member.peer, member.request.request_id, err)
+            return
+        shared = SharedResult(result, len(members))
+        for member, frames in zip(members, replies, strict=True):
+            self._send_reply(member.peer, member.request.request_id, frames, shared.release_one, size)
 
     def _fail(self, peer: Peer, request: Request, started: Any, exc: BaseException) -> None:
         """Answer an admitted request with the error its submission or its computation raised."""
@@ -561,22 +566,34 @@ class ZmqFrontend:
     def _send_result(self, peer: Peer, request_id: int, result: InferResult) -> None:
         try:
             frames = encode_reply(request_id, result.outputs)
-            size = frames_nbytes(frames)
-            if size > self.settings.max_message_bytes:
-                raise ResourceExhausted(
-                    f"reply of {size} bytes exceeds max_message_bytes ({self.settings.max_message_bytes})"
-                )
-        except EngineError as exc:
-            result.release()
-            self._send_error(peer, request_id, exc)
-            return
+            size = self._reply_size(frames)
         except Exception as exc:
             result.release()
-            log.exception("%s: cannot encode the reply to request %d", self.prefix, request_id)
-            self._send_error(peer, request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
+            self._reply_failed(peer, request_id, exc)
             return
+        self._send_reply(peer, request_id, frames, result.release, size)
+
+    def _reply_size(self, frames: Sequence[Buffer]) -> int:
+        size = frames_nbytes(frames)
+        if size > self.settings.max_message_bytes:
+            raise ResourceExhausted(
+                f"reply of {size} bytes exceeds max_message_bytes ({self.settings.max_message_bytes})"
+            )
+        return size
+
+    def _reply_failed(self, peer: Peer, request_id: int, exc: Exception) -> None:
+        """Answer ERROR for a result that could not be encoded (or is too large to send)."""
+        if isinstance(exc, EngineError):
+            self._send_error(peer, request_id, exc)
+            return
+        log.error("%s: cannot encode the reply to request %d", self.prefix, request_id, exc_info=exc)
+        self._send_error(peer, request_id, InternalError(f"{type(exc).__name__}: {exc}"), logged=True)
+
+    def _send_reply(
+        self, peer: Peer, request_id: int, frames: Sequence[Buffer], release: Release, size: int
+    ) -> None:
         self._replied_at = time.monotonic()
-        if not peer.send(frames, result, large=size >= ZERO_COPY_THRESHOLD):
+        if not peer.send(frames, release, large=size >= ZERO_COPY_THRESHOLD):
             log.debug("%s: reply to request %d not sent: %s has gone", self.prefix, request_id, peer.name)
 
     def _send_error(self, peer: Peer, request_id: int, error: EngineError, *, logged: bool = False) -> None:

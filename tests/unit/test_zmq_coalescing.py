@@ -21,8 +21,8 @@ from servers.zmq_coalescing import (
     MAX_MEMBER_BYTES,
     Group,
     Member,
+    SharedResult,
     group_key,
-    member_results,
 )
 from servers.zmq_protocol import MsgType, Request
 from tests import fakes
@@ -104,21 +104,16 @@ def test_a_group_is_full_at_pipeline_rows_else_at_max_batch_size() -> None:
     assert Group(IDENTITY).target_rows == 64
 
 
-def test_each_member_gets_its_rows_and_the_group_result_is_released_once_by_the_last() -> None:
-    members = [Member(None, request(rows=r), 0, None) for r in (1, 3, 2)]
-    out = np.arange(6, dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+def test_the_group_result_is_released_once_every_share_is() -> None:
     released = []
-    group_result = FakeResult("identity", "", {"OUTPUT0": out})
+    group_result = FakeResult("identity", "", {})
     group_result.release = lambda: released.append(True)  # type: ignore[method-assign]
-    parts = member_results(group_result, members)
-    assert [p.outputs["OUTPUT0"][:, 0].tolist() for p in parts] == [[0], [1, 2, 3], [4, 5]]
-    parts[0].release()
-    parts[0].release()  # twice: counted once
-    parts[2].release()
+    shared = SharedResult(group_result, 3)
+    shared.release_one()
+    shared.release_one()
     assert not released
-    parts[1].release()
+    shared.release_one()
     assert released == [True]
-    assert parts[1].outputs == {}
 
 
 # -- the front-end ---------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from servers.zmq_protocol import (
     encode_metadata_request,
     encode_ping,
     encode_pong,
+    encode_replies,
     encode_reply,
     encode_request,
     error_from_reply,
@@ -120,6 +121,26 @@ def test_reply_round_trip_is_read_only_view() -> None:
         np.testing.assert_array_equal(reply.outputs[name], value)
         assert reply.outputs[name].dtype == value.dtype
     assert not reply.outputs["OUTPUT0"].flags.writeable
+
+
+def test_replies_of_requests_computed_together_are_each_what_encode_reply_gives() -> None:
+    y = np.arange(24, dtype=np.float32).reshape(6, 4)
+    z = np.arange(6, dtype=">i8")  # big-endian: made little-endian once
+    replies = encode_replies([7, 8, 9], {"y": y, "z": z}, rows=2)
+    assert len(replies) == 3
+    for i, (frames, rid) in enumerate(zip(replies, [7, 8, 9], strict=True)):
+        alone = encode_reply(rid, {"y": y[2 * i : 2 * i + 2], "z": z[2 * i : 2 * i + 2]})
+        assert [bytes(f) for f in frames] == [bytes(f) for f in alone]
+        reply = decode_reply(frames)
+        assert reply.request_id == rid and reply.outputs is not None
+        np.testing.assert_array_equal(reply.outputs["y"], y[2 * i : 2 * i + 2])
+
+
+def test_replies_of_rows_the_outputs_do_not_hold_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="not 3 x 2 rows"):
+        encode_replies([1, 2, 3], {"y": np.zeros((5, 4), np.float32)}, rows=2)
+    with pytest.raises(InvalidArgument, match="not 2 x 1 rows"):
+        encode_replies([1, 2], {"s": np.array(1.5)}, rows=1)
 
 
 @pytest.mark.parametrize(
