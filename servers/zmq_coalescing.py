@@ -87,25 +87,39 @@ class Member:
 class Group:
     """Requests of one `group_key` for model ``spec``, collected in one loop iteration."""
 
-    __slots__ = ("deadline_ns", "max_rows", "members", "nbytes", "rows", "target_rows")
+    __slots__ = (
+        "deadline_ns",
+        "max_rows",
+        "member_bytes",
+        "member_rows",
+        "members",
+        "nbytes",
+        "rows",
+        "target_rows",
+    )
 
     def __init__(self, spec: ModelSpec) -> None:
         self.members: list[Member] = []
         self.rows = 0
         self.nbytes = 0
+        #: rows and input bytes of each member: the same for all (the key holds their shapes)
+        self.member_rows = 0
+        self.member_bytes = 0
         #: the earliest of the members' deadlines (0: they have none)
         self.deadline_ns = 0
         self.max_rows = spec.max_batch_size
         #: rows at which the group goes to the worker without waiting for the iteration's end
         self.target_rows = spec.dynamic_batching.pipeline_rows or spec.max_batch_size
 
-    def fits(self, request: Request, deadline_ns: int) -> bool:
-        """Whether ``request`` (due at ``deadline_ns``) can join without the group passing its row
-        or byte bound, or its deadlines spreading too far."""
+    def fits(self, deadline_ns: int) -> bool:
+        """Whether one more request of the group's key, due at ``deadline_ns``, can join without the
+        group passing its row or byte bound, or its deadlines spreading too far."""
+        if not self.members:
+            return True
         return (
-            self.rows + request.inputs[0].shape[0] <= self.max_rows
-            and self.nbytes + _request_nbytes(request) <= MAX_GROUP_BYTES
-            and (not self.members or abs(deadline_ns - self.members[0].deadline_ns) <= MAX_DEADLINE_SPREAD_NS)
+            self.rows + self.member_rows <= self.max_rows
+            and self.nbytes + self.member_bytes <= MAX_GROUP_BYTES
+            and abs(deadline_ns - self.members[0].deadline_ns) <= MAX_DEADLINE_SPREAD_NS
         )
 
     @property
@@ -115,9 +129,12 @@ class Group:
     def add(self, member: Member) -> None:
         if member.deadline_ns and (not self.deadline_ns or member.deadline_ns < self.deadline_ns):
             self.deadline_ns = member.deadline_ns
+        if not self.members:
+            self.member_rows = member.request.inputs[0].shape[0]
+            self.member_bytes = sum(_nbytes(item.data) for item in member.request.inputs)
         self.members.append(member)
-        self.rows += member.request.inputs[0].shape[0]
-        self.nbytes += _request_nbytes(member.request)
+        self.rows += self.member_rows
+        self.nbytes += self.member_bytes
 
     def inputs(self) -> list[InferInput]:
         """The members' inputs stacked along the batch dimension (one copy of their bytes)."""
@@ -127,10 +144,6 @@ class Group:
             data = b"".join([m.request.inputs[j].data for m in self.members])  # type: ignore[misc]
             out.append(InferInput(item.name, item.datatype, (self.rows, *item.shape[1:]), data))
         return out
-
-
-def _request_nbytes(request: Request) -> int:
-    return sum(_nbytes(item.data) for item in request.inputs)
 
 
 class SharedResult:

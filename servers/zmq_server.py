@@ -433,7 +433,7 @@ class ZmqFrontend:
         started = self._observer.begin(request.model, str(request.request_id))
         deadline_ns = _deadline_ns(request, received_ns)
         group = self._forming.get(key)
-        if group is not None and not group.fits(request, deadline_ns):
+        if group is not None and not group.fits(deadline_ns):
             self._submit_group(self._forming.pop(key))
             group = None
         if group is None:

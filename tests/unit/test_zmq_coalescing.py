@@ -75,11 +75,17 @@ def test_a_group_stacks_its_members_rows_in_order_within_its_bounds() -> None:
     assert stacked.shape == (6, 4)
     got = np.frombuffer(stacked.data, np.float32).reshape(6, 4)
     np.testing.assert_array_equal(got[:, 0], [0, 0, 1, 1, 2, 2])
-    assert group.fits(request(rows=58), 0)
-    assert not group.fits(request(rows=59), 0)  # 65 rows: over max_batch_size
+    assert (group.rows, group.nbytes) == (6, 96)
     assert not group.full
+    while group.fits(0):
+        group.add(Member(None, request(rows=2), 0, None))
+    assert group.rows == 64  # one more would pass max_batch_size
+    assert group.full  # no pipeline_rows: full at max_batch_size
     big = Group(IDENTITY)
-    assert not big.fits(request(rows=1, cols=MAX_GROUP_BYTES // 4 + 1), 0)
+    wide = MAX_GROUP_BYTES // 3 // 4  # rows of a third of the byte bound each
+    while big.fits(0):
+        big.add(Member(None, request(rows=1, cols=wide), 0, None))
+    assert len(big.members) == 3
 
 
 def test_a_group_has_its_earliest_deadline_and_deadlines_far_apart_do_not_share_one() -> None:
@@ -88,8 +94,8 @@ def test_a_group_has_its_earliest_deadline_and_deadlines_far_apart_do_not_share_
     group.add(Member(None, request(timeout_us=1), t + 500, None))
     group.add(Member(None, request(timeout_us=1), t, None))
     assert group.deadline_ns == t
-    assert group.fits(request(timeout_us=1), t + 500 + MAX_DEADLINE_SPREAD_NS)
-    assert not group.fits(request(timeout_us=1), t + 501 + MAX_DEADLINE_SPREAD_NS)
+    assert group.fits(t + 500 + MAX_DEADLINE_SPREAD_NS)
+    assert not group.fits(t + 501 + MAX_DEADLINE_SPREAD_NS)
     assert Group(IDENTITY).deadline_ns == 0
 
 
