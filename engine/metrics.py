@@ -87,9 +87,10 @@ class LocalHistogram:
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
-        self.total += value
+    def observe(self, value: float, count: int = 1) -> None:
+        """``count`` observations of ``value``."""
+        self.counts[bisect_left(self.bounds, value)] += count
+        self.total += value * count
 
     def flush_into(self, child: Any) -> None:
         """Add what was observed since the last flush to a labelled prometheus Histogram, then reset.
@@ -210,6 +211,8 @@ class _ModelCounts:
 
 class _Queued(Protocol):
     arrival_ns: int
+    #: client requests it stands for (a ZMQ front-end's coalesced group)
+    requests: int
 
 
 class BatchObserver(Protocol):
@@ -275,7 +278,7 @@ class WorkerMetrics:
         """One batch of ``requests`` ran from ``start_ns`` to ``end_ns``."""
         queue = self._queue[model]
         for r in requests:
-            queue.observe((start_ns - r.arrival_ns) / 1e9)
+            queue.observe((start_ns - r.arrival_ns) / 1e9, r.requests)
         self._compute[model].observe((end_ns - start_ns) / 1e9)
 
     def maybe_flush(self, depths: Callable[[], Iterable[int]]) -> None:

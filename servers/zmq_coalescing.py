@@ -8,14 +8,16 @@ worker would have put the rows in one batch anyway. A group of K requests pays t
 
 What may share a group (`group_key`): requests for the same batching model (``max_batch_size`` > 0),
 with the same inputs (names, order, datatypes, shapes: so also the same rows each), the same
-requested outputs, and deadlines within `MAX_DEADLINE_SPREAD_NS` of each other (or none); the group
-has the earliest of them, so no member is computed after its own. A group holds at most
-``max_batch_size`` rows and `MAX_GROUP_BYTES` of input; a request of more than `MAX_MEMBER_BYTES`
-goes alone. A group that
-reaches the model's ``dynamic_batching.pipeline_rows`` (else ``max_batch_size``) goes at once, so
-that the worker computes it while the front-end reads the rest. So every member of
-a group would be accepted or refused alone for the same reason, and a failure of the group (model
-error, deadline, worker death) is each member's answer.
+requested outputs, and deadlines within `MAX_DEADLINE_SPREAD_NS` of the first member's (or none); the group
+has the earliest of them, so no member is computed after its own. So every member of a group would
+be accepted or refused alone for the same reason, and a failure of the group (model error,
+deadline, worker death) is each member's answer. The in-flight limits count a group's requests; a
+group that would pass one is admitted request by request (`servers.zmq_server`).
+
+A group holds at most ``max_batch_size`` rows and `MAX_GROUP_BYTES` of input; a request of more than
+`MAX_MEMBER_BYTES` goes alone. A group that reaches the model's ``dynamic_batching.pipeline_rows``
+(else ``max_batch_size``) goes at once, so that the worker computes it while the front-end reads
+the rest; the others go when the loop iteration's reads are done.
 
 The group's result is shared: each member's reply views its own rows
 (`servers.zmq_protocol.encode_replies`), and the group's output region goes back to the worker when

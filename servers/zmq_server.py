@@ -5,10 +5,12 @@ loop itself, one `asyncio.Protocol` per connection, with no libzmq: a message is
 arrive and every reply finished in one loop iteration goes out in one ``write`` (libzmq's I/O thread,
 pyzmq's per-frame sends and the edge-triggered ``ZMQ_FD`` cost ~70 of the ~190 µs of CPU this process
 spent per request). Tensor frames reach the gateway as views of the received bytes, never copied
-here. PING and METADATA are answered inline; an inference is admitted at once (`Gateway.submit`) and
-answered from its future's done callback, no task per request, so any number of requests from any
-number of peers are in flight at once, bounded by ``max_inflight`` (beyond it: an immediate
-RESOURCE_EXHAUSTED reply). Replies go back on the connection their request came in on.
+here. PING and METADATA are answered inline; an inference is admitted at once and answered from
+its future's done callback, no task per request, so any number of requests from any number of peers
+are in flight at once, bounded by ``max_inflight`` (beyond it: an immediate RESOURCE_EXHAUSTED
+reply). Small requests for one batching model read in the same loop iteration go to the gateway as
+one request of all their rows (`servers.zmq_coalescing`), each answered with its own rows. Replies go
+back on the connection their request came in on.
 
 Limits and their failure modes:
 

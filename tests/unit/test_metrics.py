@@ -124,15 +124,19 @@ def test_worker_metrics_per_request_queue_and_per_batch_compute() -> None:
     registry = CollectorRegistry()
     now = [0.0]
     metrics = WorkerMetrics(["m0", "m1"], registry=registry, clock=lambda: now[0])
-    batch = [SimpleNamespace(arrival_ns=1_000_000), SimpleNamespace(arrival_ns=2_000_000)]
+    batch = [
+        SimpleNamespace(arrival_ns=1_000_000, requests=1),
+        SimpleNamespace(arrival_ns=2_000_000, requests=1),
+        SimpleNamespace(arrival_ns=2_500_000, requests=3),  # a coalesced group: one per request
+    ]
     metrics.batch(1, batch, 3_000_000, 8_000_000)
     metrics.maybe_flush(lambda: [0, 4])  # not due yet
     assert value(samples(registry), "engine_queue_duration_seconds_count", model="m1") == 0
     now[0] = 10.0
     metrics.maybe_flush(lambda: [0, 4])
     found = samples(registry)
-    assert value(found, "engine_queue_duration_seconds_count", model="m1") == 2
-    assert value(found, "engine_queue_duration_seconds_sum", model="m1") == pytest.approx(0.003)
+    assert value(found, "engine_queue_duration_seconds_count", model="m1") == 5
+    assert value(found, "engine_queue_duration_seconds_sum", model="m1") == pytest.approx(0.0045)
     assert value(found, "engine_compute_duration_seconds_count", model="m1") == 1
     assert value(found, "engine_compute_duration_seconds_sum", model="m1") == pytest.approx(0.005)
     assert value(found, "engine_queue_duration_seconds_count", model="m0") == 0
@@ -179,7 +183,7 @@ m.record("identity", "RESOURCE_EXHAUSTED")
 m.begin("identity")  # left in flight: a live gauge of this process
 m.flush()
 w = WorkerMetrics(["identity"])
-w.batch(0, [SimpleNamespace(arrival_ns=0)] * 3, 1000, 2000)
+w.batch(0, [SimpleNamespace(arrival_ns=0, requests=1)] * 3, 1000, 2000)
 w.flush([7])
 """
 
