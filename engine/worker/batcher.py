@@ -12,7 +12,8 @@ Rules (one ``Batcher`` per model):
 - Otherwise a group is sent when (checked in this order, first match decides the batch size):
   1. its queued rows reach ``max_batch_size``: the longest FIFO prefix of whole items that fits;
   2. its oldest item has waited ``>= max_queue_delay_ns``: the longest prefix that fits;
-  3. a FIFO prefix sums exactly to a preferred batch size: the largest such size.
+  3. its queued rows reach ``pipeline_rows`` (when set): all of them, up to ``max_batch_size``;
+  4. a FIFO prefix sums exactly to a preferred batch size: the largest such size.
 - Among groups ready at once, the group with the oldest item goes first.
 - An item whose deadline has passed (``deadline_ns <= now_ns``) leaves the queue through
   `Batcher.pop_expired` and is never part of a batch.
