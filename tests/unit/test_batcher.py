@@ -270,13 +270,18 @@ _flush = st.tuples(st.just("flush"), st.just(0), st.just(""), st.just(0))
     max_batch_size=st.sampled_from([0, 1, 4, 8]),
     delay=st.integers(0, 150),
     preferred=st.lists(st.integers(1, 8), max_size=3),
+    pipeline=st.integers(0, 8),
     ops=st.lists(st.one_of(_add, _tick, _flush), max_size=80),
 )
 def test_every_item_comes_out_exactly_once(
-    max_batch_size: int, delay: int, preferred: list[int], ops: list[tuple[str, int, str, int]]
+    max_batch_size: int,
+    delay: int,
+    preferred: list[int],
+    pipeline: int,
+    ops: list[tuple[str, int, str, int]],
 ) -> None:
     preferred = [p for p in preferred if p <= max_batch_size]
-    b: Batcher[Item] = Batcher(max_batch_size, delay, preferred)
+    b: Batcher[Item] = Batcher(max_batch_size, delay, preferred, min(pipeline, max_batch_size))
     now = 0
     added: dict[int, Item] = {}
     seen: list[int] = []
