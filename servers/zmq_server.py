@@ -426,7 +426,9 @@ class ZmqFrontend:
 
     def _admit(self, peer: Peer, request: Request, received_ns: int) -> None:
         """Submit ``request`` now, or hold it in a group with the requests like it that this loop
-        iteration brings (`servers.zmq_coalescing`), submitted together when the iteration ends."""
+        iteration brings (`servers.zmq_coalescing`), submitted together when the iteration ends.
+        It counts in ``_admitted`` from here until it is answered or refused."""
+        self._admitted += 1
         spec = self._specs.get(request.model)
         key = None if spec is None else group_key(request, spec)
         if spec is None or key is None:
@@ -444,7 +446,6 @@ class ZmqFrontend:
                 self._forming_scheduled = True
                 self.loop.call_soon(self._submit_forming)
         group.add(Member(peer, request, deadline_ns, started))
-        self._admitted += 1
         if group.full:
             # to the worker now, which may start on it while this iteration reads on
             self._submit_group(self._forming.pop(key))
@@ -485,10 +486,10 @@ class ZmqFrontend:
         future.add_done_callback(lambda f: self._answer_group(members, f))
 
     def _submit_alone(self, member: Member) -> None:
-        self._admitted -= 1  # counted again once submitted
         try:
             self._submit_admitted(member.peer, member.request, member.deadline_ns, member.started)
         except Exception as exc:
+            self._admitted -= 1
             self._fail(member.peer, member.request, member.started, exc)
 
     def _answer_group(self, members: list[Member], future: asyncio.Future[Any]) -> None:
@@ -540,6 +541,7 @@ class ZmqFrontend:
         try:
             self._submit_admitted(peer, request, _deadline_ns(request, received_ns), started)
         except BaseException as exc:
+            self._admitted -= 1
             self._observer.end(request.model, started, exc)
             raise
 
@@ -548,7 +550,6 @@ class ZmqFrontend:
         future = self.gateway.submit(
             request.model, request.inputs, outputs=request.outputs, deadline_ns=deadline_ns or None
         )
-        self._admitted += 1
         self._pending.add(future)
         future.add_done_callback(lambda f: self._answer(peer, request, started, f))
 
