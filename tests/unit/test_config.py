@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import config as config_mod
+from engine import config_schema
 from engine.config import (
     ConfigError,
     EngineConfig,
@@ -18,6 +18,7 @@ from engine.config import (
     load_config,
     main_exit_on_error,
     resolve_devices,
+    resolve_spin_s,
 )
 from engine.models import builtin_repository
 
@@ -46,9 +47,15 @@ def test_defaults() -> None:
 def test_grpc_frontends_default_follows_cpu_count(
     monkeypatch: pytest.MonkeyPatch, cpus: int | None, grpc: int
 ) -> None:
-    monkeypatch.setattr(config_mod.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(config_schema.os, "cpu_count", lambda: cpus)
     cfg = EngineConfig()
     assert (cfg.grpc_frontends, cfg.rest_frontends, cfg.zmq_frontends) == (grpc, 1, 1)
+
+
+def test_worker_spin_defaults_to_300_us_and_takes_an_explicit_value() -> None:
+    assert resolve_spin_s(EngineConfig()) == pytest.approx(300e-6)
+    assert resolve_spin_s(load_config(["--set", "worker_spin_us=0"], {})) == 0.0
+    assert resolve_spin_s(load_config(["--set", "worker_spin_us=50"], {})) == pytest.approx(50e-6)
 
 
 def test_grpc_transport_defaults_to_h2_and_takes_either_name() -> None:
