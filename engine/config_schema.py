@@ -83,9 +83,10 @@ class EngineConfig:
         breaker_failures: consecutive failed batches of a model that open its circuit breaker
             (requests then fail fast with UNAVAILABLE); 0 disables the breaker.
         breaker_cooldown_s: how long an open breaker refuses before one probe batch is let through.
-        worker_spin_us: how long a worker whose last step took a few descriptors spins on its rings
-            before it sleeps on the futex (an idle worker, or one fed at full speed, does not spin:
-            the front-ends need the CPU); -1 (default) means 300 (``engine.config.DEFAULT_SPIN_US``).
+        worker_spin_us: how long a worker with light traffic (a request or two in flight) spins on
+            its rings before it sleeps on the futex (an idle worker, or a loaded one, does not
+            spin: the front-ends need the CPU); -1 (default) means 300
+            (``engine.config.DEFAULT_SPIN_US``).
         auth_tokens: accepted bearer tokens; empty disables authentication. Never logged.
         auth_health_open: health endpoints (gRPC ``grpc.health.v1``, REST ``/v2/health/*``, ZMQ PING)
             answer without a token, so orchestrator probes need no secret; false makes them need one.

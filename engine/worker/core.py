@@ -1,10 +1,9 @@
 """The worker's logic as a steppable object: drain request rings, batch per model, compute, answer.
 
 `WorkerCore` owns no process concerns (signals, titles, heartbeats thread): `engine.worker.main`
-wraps it. One `step()` waits for work (a short spin when the step before took a few descriptors,
-then a futex sleep), takes every descriptor the front-ends have pushed, answers expired requests,
-computes the batches that are due and posts the completions, waking each front-end at most once
-per step.
+wraps it. One `step()` waits for work (a short spin at light traffic, then a futex sleep), takes
+every descriptor the front-ends have pushed, answers expired requests, computes the batches that
+are due and posts the completions, waking each front-end at most once per step.
 
 What it keeps per front-end slot is a `engine.worker.peers.Peer`; the request and output region
 bytes are read and written in `engine.worker.regions`; the board counters in `engine.worker.stats`.
@@ -60,14 +59,19 @@ DOZE_MAX_S = 0.002
 RunBatch = Callable[[ModelSpec, int, Sequence[Sequence[np.ndarray]], int], list[np.ndarray]]
 
 
-#: The worker spins (``spin_s``) before it sleeps only after a step that took 1 to this many
-#: descriptors. An idle worker (waking every ``max_wait_s`` for its deadlines) must not spin each
-#: time. A step that took more has a front-end streaming requests at full speed: that front-end needs
-#: every cycle of the machine, and the next requests come anyway. Measured on the 2-core VM with a
-#: 300 us spin after any step with descriptors, alternating with no spin: concurrency 1 gained
-#: 0.1-0.4 ms of p50 over gRPC, ZMQ and REST, but gRPC at concurrency 500 lost 4-23% of its req/s
-#: (the worker's CPU per request rose from ~37 to ~46 us).
-SPIN_AFTER_AT_MOST = 8
+#: The worker spins (``spin_s``) before it sleeps only after a step that took descriptors, while the
+#: front-ends hold at most this many requests in flight (their board counts: a coalesced ZMQ group
+#: counts once): a load of one or two requests at a time, whose next request comes only after a
+#: round trip through the client. An idle worker (waking every ``max_wait_s`` for its deadlines)
+#: must not spin each time, and under more load a spinning worker costs the front-ends and the
+#: client their second core: a woken process goes to an idle CPU, and a spinning one is not idle.
+#: Measured on the 2-core VM with a 300 us spin, alternating with none: concurrency 1 gained
+#: 0.1-0.4 ms of p50 over gRPC, ZMQ and REST; spinning after any step with descriptors cost gRPC at
+#: concurrency 500 4-23% of its req/s (3 pairs, the worker's CPU per request ~37 -> ~46 us), and
+#: spinning after steps of at most 8 descriptors looked to cost REST at concurrency 64 11-14% (2
+#: pairs: 14,095 / 13,308 -> 12,587 / 11,493 req/s).
+SPIN_INFLIGHT_AT_MOST = 2
+
 
 class WorkerCore:
     """Steppable worker logic for worker slot ``w`` of the board."""
@@ -138,8 +142,8 @@ class WorkerCore:
         self._buf = np.empty(256, dtype=DESC_DTYPE)
         self._active: list[Peer] = []
         self._to_wake: set[int] = set()
-        # whether the last step took a few descriptors (requests, releases): only then does the
-        # worker spin before it sleeps (see SPIN_AFTER_AT_MOST)
+        # whether the last step took descriptors (requests, releases) with at most
+        # SPIN_INFLIGHT_AT_MOST requests in flight: only then does the worker spin before it sleeps
         self._light_traffic = False
 
     # ---- peers --------------------------------------------------------------------------------
@@ -204,7 +208,7 @@ class WorkerCore:
         taken = 0
         for peer in self._active:
             taken += self._drain(peer)
-        self._light_traffic = 0 < taken <= SPIN_AFTER_AT_MOST
+        self._light_traffic = taken > 0 and self._inflight_total() <= SPIN_INFLIGHT_AT_MOST
         self._compute_due()
         self._flush()
         if self._cancelled and not any(len(b) for b in self.batchers):
