@@ -39,13 +39,13 @@ from engine.config_sources import (
 #: The worker's spin when ``worker_spin_us`` is -1. It spins only at light traffic
 #: (`engine.worker.core.SPIN_INFLIGHT_AT_MOST`): an idle engine spends nothing on it, and a loaded
 #: one leaves the CPU to its front-ends.
-#: At concurrency 1 on the 2-core VM, against no spin (alternating runs): gRPC p50 1.24-1.36 ->
-#: 1.03-1.18 ms through grpc.aio's client, 0.77-0.92 -> 0.65-0.76 through the lean one, ZMQ and REST
-#: 0.1-0.2 ms less; 1000 us did no better. There the worker never sleeps: the front-end's release
-#: of each answer lands within one spin and the next request within the next, so it holds a core
-#: (0.98 against ~0.6 without), and it spares the futex wakes. The client and front-end spent less
-#: CPU per request too (client 410-460 -> 290-350 us, grpc.aio), likely because one vCPU stays
-#: awake: on this VM a wake-up on a halted vCPU is dearer.
+#: At concurrency 1 on the 2-core VM, against no spin (alternating runs, 2 noisy minutes left out),
+#: gRPC p50 through grpc.aio's client 1.18-1.37 -> 0.88-1.18 ms, through the lean one 0.67-0.92 ->
+#: 0.52-0.83, ZMQ and REST 0.05-0.2 ms less; 1000 us did no better. There the worker never sleeps:
+#: the front-end's release of each answer lands within one spin and the next request within the
+#: next, so it holds a core (0.98 against ~0.6 without), and it spares the futex wakes. The client
+#: and front-end spent less CPU per request too (grpc.aio's client 390-460 -> 260-350 us), likely
+#: because one vCPU stays awake: on a VM a wake-up on a halted vCPU is dearer.
 DEFAULT_SPIN_US = 300
 
 
