@@ -3,7 +3,10 @@
 A `Recorder` takes one latency (or one error code) per request; latencies go into an HDR histogram in
 microseconds (1 us .. 120 s, 3 significant digits), so percentiles cost nothing to keep and histograms
 of several client processes merge exactly (`Recorder.encode` / `Recorder.merge`, the histogram's own
-compressed base64 encoding: plain text, safe to send over a pipe as JSON).
+compressed base64 encoding: plain text, safe to send over a pipe as JSON). Each latency is first
+tallied by whole microsecond and the tally folded into the histogram when it is read: the pure-Python
+``record_value`` cost the client ~2.3 us per request, the tally ~0.3, and the client shares the cores
+with the server it measures.
 
 `summary` turns a recorder and a wall-clock window into the JSON object ``bench load`` writes. The
 open-loop schedule lives here too (`intended_send_ns`, `tickets_in`): request ``i`` of a run at rate
@@ -24,6 +27,8 @@ from hdrh.histogram import HdrHistogram
 LOWEST_US = 1
 HIGHEST_US = 120_000_000
 SIGNIFICANT_DIGITS = 3
+#: Distinct microsecond values a `Recorder` tallies before it folds them into its histogram.
+TALLY_MAX_KEYS = 4096
 #: Error code of an answer that came back but was wrong.
 WRONG_ANSWER = "WRONG_ANSWER"
 #: Percentiles the JSON lists (its ``cdf``), dense in the tail where the interesting part is.
@@ -62,17 +67,30 @@ class Recorder:
             behind its schedule by this much: its concurrency cap, or its own CPU, was the limit).
     """
 
-    histogram: HdrHistogram = field(default_factory=new_histogram)
     errors: Counter[str] = field(default_factory=Counter)
     checked: int = 0
     check_every: int = 100
     max_lag_ns: int = 0
     _answers: int = 0
+    _histogram: HdrHistogram = field(default_factory=new_histogram)
+    #: latencies not yet in the histogram: whole microseconds (unclamped) -> requests
+    _tally: dict[int, int] = field(default_factory=dict)
+    _tallied: int = 0
+
+    @property
+    def histogram(self) -> HdrHistogram:
+        """Latencies of the successful requests, in microseconds."""
+        if self._tally:
+            tally, self._tally, self._tallied = self._tally, {}, 0
+            record = self._histogram.record_value
+            for us, n in tally.items():
+                record(min(HIGHEST_US, max(LOWEST_US, us)), n)
+        return self._histogram
 
     @property
     def ok(self) -> int:
         """Successful requests recorded."""
-        return int(self.histogram.get_total_count())
+        return int(self._histogram.get_total_count()) + self._tallied
 
     @property
     def count(self) -> int:
@@ -91,8 +109,13 @@ class Recorder:
         if error is not None:
             self.errors[error] += count
             return
-        us = min(HIGHEST_US, max(LOWEST_US, (latency_ns + 500) // 1000))
-        self.histogram.record_value(us, count)
+        us = (latency_ns + 500) // 1000
+        tally = self._tally
+        tally[us] = tally.get(us, 0) + count
+        self._tallied += count
+        if len(tally) > TALLY_MAX_KEYS:
+            # latencies spread over seconds (an overloaded server): fold before the tally grows
+            self.histogram  # noqa: B018 - the property folds
 
     def merge(self, other: Recorder) -> None:
         """Add ``other``'s requests to this one."""

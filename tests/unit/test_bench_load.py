@@ -22,9 +22,13 @@ from bench.load_procs import Driver, decode_payload, encode_payload
 from bench.load_profile import batch_delta, summarize_collapsed
 from bench.load_runner import LoadSpec, PhaseResult, burst_round, closed_loop, open_loop
 from bench.load_stats import (
+    HIGHEST_US,
+    LOWEST_US,
+    TALLY_MAX_KEYS,
     WRONG_ANSWER,
     Recorder,
     intended_send_ns,
+    new_histogram,
     percentile_ms,
     split,
     summary,
@@ -92,6 +96,24 @@ def test_histograms_merge_exactly(rng: np.random.Generator) -> None:
     assert merged.errors == {"RESOURCE_EXHAUSTED": 1}
     for p in (0, 50, 90, 99, 99.9, 100):
         assert percentile_ms(merged.histogram, p) == percentile_ms(whole.histogram, p)
+
+
+def test_tallied_latencies_make_the_histogram_of_recording_each(rng: np.random.Generator) -> None:
+    # Narrow (a closed loop's few ms) and spread (more distinct microseconds than the tally holds,
+    # so it folds on its own), read halfway: the histogram is the one recording each value makes.
+    narrow = rng.integers(800_000, 3_000_000, 20_000)
+    spread = rng.integers(-5_000, 10**14, 3 * TALLY_MAX_KEYS)
+    rec, direct = Recorder(), new_histogram()
+    for i, ns in enumerate([*narrow.tolist(), *spread.tolist()]):
+        rec.record(ns, count=1 + i % 3)
+        direct.record_value(min(HIGHEST_US, max(LOWEST_US, (ns + 500) // 1000)), 1 + i % 3)
+        if i == 9_999:
+            assert rec.ok == int(direct.get_total_count())
+            assert percentile_ms(rec.histogram, 50) == percentile_ms(direct, 50)
+        assert len(rec._tally) <= TALLY_MAX_KEYS
+    assert rec.ok == int(direct.get_total_count())
+    assert rec.histogram.encode() == direct.encode()
+    assert Recorder.decode(rec.encode()).histogram.encode() == direct.encode()
 
 
 def test_empty_recorder_round_trips_and_summarises() -> None:
