@@ -390,7 +390,7 @@ def _inputs(specs: Sequence[_Spec], frames: Sequence[Buffer]) -> tuple[InferInpu
     if len(frames) != len(specs):
         raise InvalidArgument(f"message lists {len(specs)} inputs but carries {len(frames)} tensor frames")
     inputs = []
-    for (name, datatype, shape, nbytes), frame in zip(specs, frames):
+    for (name, datatype, shape, nbytes), frame in zip(specs, frames, strict=True):
         view = _bytes_view(frame)
         if view.nbytes != nbytes:
             raise InvalidArgument(
