@@ -104,9 +104,15 @@ F_HEARTBEAT = 16
 F_PID = 24
 F_PORT = 32
 F_MODELS = 40  # worker: bitmap of the models it has loaded (bit = model index)
-F_INFLIGHT = 48  # front-end: requests admitted and not yet answered
+#: front-end: submissions to the workers not yet answered; a coalesced group (several client
+#: requests in one submission) counts once, as the worker's queue holds it (its batching rules
+#: compare the two)
+F_INFLIGHT = 48
 F_STARTED = 56  # CLOCK_MONOTONIC ns when the incarnation started
 F_WAKE = 64  # WakeWord (worker) / notifier armed flag (front-end)
+#: front-end: client requests admitted and not yet answered (a group counts its requests), for
+#: `engine status` and the supervisor's drain; after the WakeWord's 64 bytes
+F_REQUESTS = 128
 
 
 def _align(n: int, a: int = 64) -> int:
@@ -184,7 +190,7 @@ class BoardLayout:
         return self.request_ring(f, w) + self.ring_bytes
 
 
-assert WORD_SIZE <= SLOT_SIZE - F_WAKE
+assert WORD_SIZE <= F_REQUESTS - F_WAKE and F_REQUESTS + 8 <= SLOT_SIZE
 
 
 def frontend_arena_name(base: str, f: int, gen: int) -> str:

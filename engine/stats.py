@@ -27,9 +27,9 @@ from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
     F_HEARTBEAT,
-    F_INFLIGHT,
     F_MODELS,
     F_PID,
+    F_REQUESTS,
     F_STARTED,
     F_STATE,
     PROC_DOWN,
@@ -256,7 +256,7 @@ class BoardReader:
                     restarts=max(0, gen - 1),
                     uptime_s=round(max(0, now - started) / 1e9, 3) if started else 0.0,
                     heartbeat_age_s=round(max(0, now - beat) / 1e9, 3) if beat else 0.0,
-                    inflight=load(slot + F_INFLIGHT) if role == "frontend" else None,
+                    inflight=load(slot + F_REQUESTS) if role == "frontend" else None,
                 )
             )
         return out

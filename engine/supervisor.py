@@ -34,8 +34,8 @@ from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
     F_HEARTBEAT,
-    F_INFLIGHT,
     F_PORT,
+    F_REQUESTS,
     F_STARTED,
     F_STATE,
     MAX_MODELS,
@@ -385,7 +385,7 @@ class Supervisor:
         end = time.monotonic() + grace
         while time.monotonic() < end:
             inflight = sum(
-                self.control.load_u64(self.layout.frontend(c.index, F_INFLIGHT))
+                self.control.load_u64(self.layout.frontend(c.index, F_REQUESTS))
                 for c in self.children_by_role("frontend")
             )
             if inflight == 0:

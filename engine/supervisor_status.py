@@ -13,7 +13,7 @@ from typing import Any
 from engine.models.spec import ModelSpec
 from engine.shm import (
     F_HEARTBEAT,
-    F_INFLIGHT,
+    F_REQUESTS,
     F_STARTED,
     F_STATE,
     PROC_DOWN,
@@ -57,7 +57,7 @@ def process_status(
             round((now - control.load_u64(slot + F_HEARTBEAT)) / 1e9, 3) if control is not None else None
         ),
         "port": child.port or None,
-        "inflight": control.load_u64(slot + F_INFLIGHT) if control and child.role == "frontend" else None,
+        "inflight": control.load_u64(slot + F_REQUESTS) if control and child.role == "frontend" else None,
         "arena_bytes_in_use": arena_bytes,
     }
 

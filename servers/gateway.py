@@ -38,6 +38,7 @@ from engine.shm import (
     F_GEN,
     F_INFLIGHT,
     F_MODELS,
+    F_REQUESTS,
     F_STATE,
     HEADER_BYTES,
     KIND_CANCEL,
@@ -94,8 +95,10 @@ class ShmGateway:
         #: (model, output mask, input shapes) -> a request region's size, data offsets and header
         #: bytes: requests of a model mostly come in a few shapes, and the header is the same for all
         self._regions: dict[tuple[object, ...], RegionPlan] = {}
-        #: where this front-end publishes its in-flight count on the board (once per request)
+        #: where this front-end publishes its in-flight counts on the board (once per submission):
+        #: submissions for the workers' batching, client requests for status and drain
         self._inflight_at = handles.layout.frontend(handles.f, F_INFLIGHT)
+        self._requests_at = handles.layout.frontend(handles.f, F_REQUESTS)
         self._control: Segment | None = None
         self._arena: Arena | None = None
         self._links: list[WorkerLink] = []
@@ -127,8 +130,10 @@ class ShmGateway:
         return self._requests
 
     def _publish_inflight(self) -> None:
-        if self._control is not None:
-            self._control.store_u64(self._inflight_at, len(self._pending))
+        control = self._control
+        if control is not None:
+            control.store_u64(self._inflight_at, len(self._pending))
+            control.store_u64(self._requests_at, self._requests)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Attach shared memory, take the pairs with every worker and listen for completions."""

@@ -17,6 +17,7 @@ import pytest
 
 from engine.errors import DeadlineExceeded, InvalidArgument, ModelError, NotFound
 from engine.models.repository import load_repository
+from engine.shm import F_INFLIGHT, F_REQUESTS
 from servers.gateway_api import InferInput
 from tests.integration.conftest import PATIENT_DELAY_S
 
@@ -366,6 +367,35 @@ def test_submit_answers_through_its_future(shared_engine: Any, rng: np.random.Ge
     out = shared_engine.run(scenario())
     np.testing.assert_array_equal(out["OUTPUT0"], arrays["INPUT0"] + arrays["INPUT1"])
     np.testing.assert_array_equal(out["OUTPUT1"], arrays["INPUT0"] - arrays["INPUT1"])
+
+
+def test_the_board_counts_a_group_once_for_the_worker_and_its_requests_for_status(
+    shared_engine: Any,
+) -> None:
+    # A ZMQ group of 3 client requests is one submission: the worker's batching rules compare
+    # F_INFLIGHT with its queue (which holds the group once); `engine status` and the supervisor's
+    # drain must see the 3 requests.
+    gw = shared_engine.gateway
+    layout, f = gw.h.layout, gw.h.f
+
+    def board() -> tuple[int, int]:
+        load = gw.control.load_u64
+        return load(layout.frontend(f, F_INFLIGHT)), load(layout.frontend(f, F_REQUESTS))
+
+    def status_inflight() -> int:
+        return sum(p["inflight"] or 0 for p in shared_engine.status()["processes"] if p["role"] == "frontend")
+
+    async def scenario() -> tuple[tuple[int, int], int, tuple[int, int]]:
+        future = gw.submit("slow", inputs_of({"INPUT0": np.full((4,), 9.0, np.float32)}), requests=3)
+        during = board(), status_inflight()
+        with await future as result:
+            assert np.array(result.outputs["OUTPUT0"]).tolist() == [9.0] * 4
+        return *during, board()
+
+    during, shown, after = shared_engine.run(scenario())
+    assert during == (1, 3)
+    assert shown == 3
+    assert after == (0, 0)
 
 
 def test_submit_refuses_at_once_what_admission_refuses(shared_engine: Any) -> None:

@@ -32,6 +32,7 @@ from engine.shm import (
     F_HEARTBEAT,
     F_INFLIGHT,
     F_MODELS,
+    F_REQUESTS,
     F_STATE,
     PROC_UP,
     SERVER_READY,
@@ -295,7 +296,9 @@ def test_board_collector_reads_counters_processes_arenas_and_rings(board: Board)
     control.store_u64(layout.worker(1, F_GEN), 1)
     control.store_u64(layout.frontend(0, F_STATE), PROC_UP)
     control.store_u64(layout.frontend(0, F_GEN), 1)
-    control.store_u64(layout.frontend(0, F_INFLIGHT), 5)
+    # 5 client requests in flight, in 2 submissions (a coalesced group counts once in F_INFLIGHT)
+    control.store_u64(layout.frontend(0, F_REQUESTS), 5)
+    control.store_u64(layout.frontend(0, F_INFLIGHT), 2)
     import time
 
     control.store_u64(layout.worker(0, F_HEARTBEAT), time.monotonic_ns())
