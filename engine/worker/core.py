@@ -60,16 +60,20 @@ RunBatch = Callable[[ModelSpec, int, Sequence[Sequence[np.ndarray]], int], list[
 
 
 #: The worker spins (``spin_s``) before it sleeps only after a step that took descriptors, while the
-#: front-ends hold at most this many requests in flight (their board counts: a coalesced ZMQ group
-#: counts once): a load of one or two requests at a time, whose next request comes only after a
-#: round trip through the client. An idle worker (waking every ``max_wait_s`` for its deadlines)
-#: must not spin each time, and under more load a spinning worker costs the front-ends and the
-#: client their second core: a woken process goes to an idle CPU, and a spinning one is not idle.
+#: front-ends hold at most this many submissions in flight (``F_INFLIGHT``: a coalesced ZMQ group
+#: counts once, as it comes as one descriptor): a load of one or two descriptors at a time, whose
+#: next one comes only after a round trip through the client. An idle worker (waking every
+#: ``max_wait_s`` for its deadlines) must not spin each time, and under more load a spinning
+#: worker costs the front-ends and the client their second core: a woken process goes to an idle
+#: CPU, and a spinning one is not idle.
 #: Measured on the 2-core VM with a 300 us spin, alternating with none: concurrency 1 gained
 #: 0.1-0.4 ms of p50 over gRPC, ZMQ and REST; spinning after any step with descriptors cost gRPC at
 #: concurrency 500 4-23% of its req/s (3 pairs, the worker's CPU per request ~37 -> ~46 us), and
 #: spinning after steps of at most 8 descriptors looked to cost REST at concurrency 64 11-14% (2
-#: pairs: 14,095 / 13,308 -> 12,587 / 11,493 req/s).
+#: pairs: 14,095 / 13,308 -> 12,587 / 11,493 req/s). Counting client requests (``F_REQUESTS``)
+#: instead, which stops the spin under ZMQ at concurrency 8 and 64 (one or two groups in flight),
+#: cost ZMQ there in 3 of 3 pairs: c=64 40,428 / 33,894 / 40,430 -> 38,231 / 29,808 / 38,903 req/s,
+#: c=8 9,440 / 7,600 / 9,656 -> 7,910 / 6,760 / 7,690.
 SPIN_INFLIGHT_AT_MOST = 2
 
 
@@ -143,7 +147,7 @@ class WorkerCore:
         self._active: list[Peer] = []
         self._to_wake: set[int] = set()
         # whether the last step took descriptors (requests, releases) with at most
-        # SPIN_INFLIGHT_AT_MOST requests in flight: only then does the worker spin before it sleeps
+        # SPIN_INFLIGHT_AT_MOST submissions in flight: only then does the worker spin before it sleeps
         self._light_traffic = False
 
     # ---- peers --------------------------------------------------------------------------------
@@ -420,7 +424,8 @@ class WorkerCore:
         return self._inflight_total() <= self._queued_total() + answered
 
     def _inflight_total(self) -> int:
-        """Requests the front-ends have admitted and not yet seen answered (all models)."""
+        """Submissions the front-ends have made and not yet seen answered (all models; a coalesced
+        group counts once, as this worker's queue holds it)."""
         return sum(self.control.load_u64(at) for at in self._inflight_at)
 
     def _queued_total(self) -> int:
