@@ -34,6 +34,7 @@ from engine.models.spec import ModelSpec
 from engine.shm import (
     F_GEN,
     F_HEARTBEAT,
+    F_INFLIGHT,
     F_PORT,
     F_REQUESTS,
     F_STARTED,
@@ -198,7 +199,18 @@ class Supervisor:
         self.control.store_u64(slot + F_STATE, PROC_STARTING)
         self.control.store_u64(slot + F_STARTED, time.monotonic_ns())
         self.control.store_u64(slot + F_HEARTBEAT, time.monotonic_ns())
+        self._clear_inflight(child)
         self.control.store_u64(slot + F_GEN, child.gen)
+
+    def _clear_inflight(self, child: Child) -> None:
+        """A front-end incarnation that is gone holds nothing: its in-flight counts are its own to
+        publish, and a dead one's would stand until the next incarnation's first request (in
+        `engine status`, in the drain's wait and in the workers' batching rules)."""
+        if child.role == "frontend":
+            assert self.control is not None
+            slot = self.slot(child)
+            self.control.store_u64(slot + F_INFLIGHT, 0)
+            self.control.store_u64(slot + F_REQUESTS, 0)
 
     def _spawn(self, child: Child) -> None:
         assert self.layout is not None
@@ -360,6 +372,7 @@ class Supervisor:
         self._unlink(arena_name(self.base, child.role, child.index, child.gen))
         child.gen += 1
         self.control.store_u64(slot + F_STATE, PROC_DOWN)
+        self._clear_inflight(child)
         self.control.store_u64(slot + F_GEN, child.gen)  # peers fail what the dead one held
         self._wake_frontends()
 

@@ -251,6 +251,42 @@ def test_sigkill_frontend_under_load(harness_factory: Any, repo: RepoBuilder) ->
     assert entry(harness, "worker cpu")["arena_bytes_in_use"] == idle
 
 
+@pytest.mark.parametrize("budget", [3, 0], ids=["restarted", "retired"])
+def test_a_dead_frontend_leaves_nothing_in_flight(
+    harness_factory: Any, repo: RepoBuilder, budget: int
+) -> None:
+    # The killed incarnation held a request. Its in-flight counts must not stand on the board after
+    # it: `engine status` shows them, the drain waits for them and the workers' batching rules
+    # count them. A restarted front-end publishes its own on its first wake-up; a retired one (no
+    # restart budget left) never does.
+    repo.model("pair", _PAIR_YAML, _PAIR_PY)  # a lone request waits 30 s for its companion
+    harness = harness_factory(small_config(repo.path, protocols=("zmq",), zmq_port=0, restart_budget=budget))
+    victim = entry(harness, "frontend zmq#0")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f"tcp://{harness.config.host}:{harness.engine.endpoints()['zmq']}")
+        frames = encode_request(1, "pair", {"INPUT0": slow_row(1.0)}, timeout_us=int(TIMEOUT_S * 1e6))
+        sock.send_multipart([bytes(f) for f in frames])
+        wait_until(
+            lambda: entry(harness, "frontend zmq#0")["inflight"] == 1, TIMEOUT_S, "a request in flight"
+        )
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def gone() -> bool:
+            now = entry(harness, "frontend zmq#0")
+            if budget:
+                return now["state"] == "up" and now["pid"] not in (None, victim["pid"])
+            return now["generation"] > victim["generation"]
+
+        wait_until(gone, RESTART_S, "the ZMQ front-end to be replaced" if budget else "its retirement")
+        assert entry(harness, "frontend zmq#0")["inflight"] == 0
+    finally:
+        sock.close()
+        ctx.term()
+
+
 # ---- a launched server: admission and hostile input ------------------------------------------------
 
 
