@@ -24,7 +24,7 @@ layers back if they disagree or the packed one fails.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeGuard
 
 import torch
@@ -156,3 +156,48 @@ def _flat(raw: object) -> list[torch.Tensor]:
     if isinstance(raw, tuple | list):
         return [t for v in raw for t in _flat(v)]
     return []
+
+
+def chain_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """For a packed ``nn.Sequential`` of `PackedLinear` layers (and the ``nn.Identity`` a fused ReLU
+    leaves), a function computing what ``module(x)`` computes, the same oneDNN calls in the same
+    order, without ``nn.Module``'s call machinery around each layer: ~25 us per batch right after
+    the previous one, with the caches cold (measured, mlp at 32 rows: 479 against 503 us, calls of
+    the two interleaved). None for anything else, or when a hook is registered (it would be skipped).
+
+    Inputs the packed path does not take (one row, another dtype, another width) go to ``module``.
+    """
+    if type(module) is not nn.Sequential or _hooked(module):
+        return None
+    layers: list[PackedLinear] = []
+    for child in module:
+        if type(child) is nn.Identity and not _hooked(child):
+            continue
+        if type(child) is not PackedLinear or _hooked(child):
+            return None
+        if layers and layers[-1].out_features != child.in_features:
+            return None  # a model that cannot run: let nn.Module say why
+        layers.append(child)
+    if not layers:
+        return None
+    steps = [(layer.packed, layer.bias, layer._attr) for layer in layers]
+    width = layers[0].in_features
+    linear = torch.ops.mkldnn._linear_pointwise.default
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == x.shape[-1] or x.dtype != torch.float32 or x.shape[-1] != width:
+            return module(x)
+        for packed, bias, attr in steps:
+            x = linear(x, packed, bias, attr, [], "")
+        return x
+
+    return call
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or torch.nn.modules.module._global_forward_hooks
+        or torch.nn.modules.module._global_forward_pre_hooks
+    )

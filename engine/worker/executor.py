@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from engine.errors import ModelError
-from engine.models.backends import LoadedModel
+from engine.models.backends import LoadedModel, inference_mode
 from engine.models.spec import ModelSpec
 
 log = logging.getLogger("engine.worker")
@@ -63,13 +63,13 @@ class Executor:
         """
         try:
             if self.stream is not None:
-                with torch.cuda.stream(self.stream), torch.inference_mode():
+                with torch.cuda.stream(self.stream), inference_mode():
                     tensors = [self._gather(spec, j, parts, rows) for j, parts in enumerate(inputs)]
                     outs = model.run(tensors)
                     host = [o.detach().to("cpu", non_blocking=False) for o in outs]
                 self.stream.synchronize()
             else:
-                with torch.inference_mode():
+                with inference_mode():
                     tensors = [self._gather(spec, j, parts, rows) for j, parts in enumerate(inputs)]
                     host = [o.detach() for o in model.run(tensors)]
         except ModelError:

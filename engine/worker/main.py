@@ -161,11 +161,14 @@ def run(args: WorkerArgs) -> None:
         return [len(b) for b in core.batchers]
 
     try:
-        while not stop.is_set():
-            core.step(0.1)
-            if metrics is not None:
-                metrics.maybe_flush(depths)
-        core.drain_all(args.drain_grace_s)
+        # every batch computes in inference mode: entered once here instead of per batch
+        # (`engine.models.backends.inference_mode`)
+        with torch.inference_mode():
+            while not stop.is_set():
+                core.step(0.1)
+                if metrics is not None:
+                    metrics.maybe_flush(depths)
+            core.drain_all(args.drain_grace_s)
     finally:
         if metrics is not None:
             metrics.flush(depths())

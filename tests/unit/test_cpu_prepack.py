@@ -16,7 +16,7 @@ from torch import nn
 
 from engine.models import builtin_repository, cpu_prepack
 from engine.models.backends import load_model
-from engine.models.cpu_prepack import PackedLinear, prepack_linear
+from engine.models.cpu_prepack import PackedLinear, chain_call, prepack_linear
 from engine.models.repository import load_model_spec, load_repository
 
 pytestmark = pytest.mark.skipif(not cpu_prepack.available(), reason="this torch build has no oneDNN")
@@ -167,6 +167,82 @@ def test_nothing_packable() -> None:
     assert type(model[1]) is nn.Linear
 
 
+def packed_mlp(*sizes: int) -> nn.Sequential:
+    model = mlp(*sizes)
+    assert prepack_linear(model, samples(sizes[0])) == len(sizes) - 1
+    return model
+
+
+def test_the_chain_computes_exactly_what_the_packed_sequential_does() -> None:
+    model = packed_mlp(32, 64, 48, 8)
+    call = chain_call(model)
+    assert call is not None
+    with torch.inference_mode():
+        for rows in ROWS:
+            x = seeded(rows, 32, seed=200 + rows)
+            assert torch.equal(call(x), model(x))  # the same oneDNN calls: bit for bit
+        x3 = seeded(3, 5, 32)
+        assert torch.equal(call(x3), model(x3))
+        empty = torch.zeros(0, 32)
+        assert call(empty).shape == model(empty).shape == (0, 8)
+
+
+def test_the_chain_hands_what_the_packed_path_refuses_to_the_module() -> None:
+    model = packed_mlp(8, 16, 4)
+    call = chain_call(model)
+    assert call is not None
+    with torch.inference_mode():
+        row = seeded(1, 8)
+        assert torch.equal(call(row), model(row))  # one row: nn.Linear's gemv path
+        wide = seeded(3, 8).double()
+        with pytest.raises(RuntimeError) as chain_err:
+            call(wide)
+        with pytest.raises(RuntimeError) as module_err:
+            model(wide)
+        assert str(chain_err.value) == str(module_err.value)
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            call(seeded(4, 9))
+
+
+def test_no_chain_where_it_would_not_compute_the_same() -> None:
+    gelu = mlp(16, 32, 4, act=nn.GELU)
+    prepack_linear(gelu, samples(16))
+    assert chain_call(gelu) is None  # an unfused activation between the layers
+
+    class Doubled(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    sub = Doubled(nn.Linear(8, 4)).eval()
+    prepack_linear(sub, samples(8))
+    assert isinstance(sub[0], PackedLinear) and chain_call(sub) is None
+
+    nested = Nested().eval()
+    prepack_linear(nested, [[seeded(4, 12)]])
+    assert chain_call(nested) is None
+    assert chain_call(mlp(8, 4)) is None  # nothing packed
+
+
+@pytest.mark.parametrize("where", ["sequential", "layer", "identity", "global"])
+def test_no_chain_when_a_hook_would_be_skipped(where: str) -> None:
+    model = packed_mlp(8, 16, 4)
+    seen: list[str] = []
+
+    def hook(module: nn.Module, args: Any, out: Any) -> None:
+        seen.append(type(module).__name__)
+
+    if where == "global":
+        handle = nn.modules.module.register_module_forward_hook(hook)
+    else:
+        target = {"sequential": model, "layer": model[2], "identity": model[1]}[where]
+        handle = target.register_forward_hook(hook)
+    try:
+        assert chain_call(model) is None
+    finally:
+        handle.remove()
+    assert chain_call(model) is not None
+
+
 def test_builtin_mlp_loads_packed_and_answers_like_the_plain_one() -> None:
     spec = load_repository(builtin_repository()).specs["mlp"]
     assert spec.prepack_linear
@@ -175,6 +251,7 @@ def test_builtin_mlp_loads_packed_and_answers_like_the_plain_one() -> None:
     module: Any = packed._fn
     assert [type(m).__name__ for m in module] == ["PackedLinear", "Identity", "PackedLinear"]
     assert all(type(m) is not PackedLinear for m in plain._fn.modules())  # type: ignore[attr-defined]
+    assert packed._call is not module and plain._call is plain._fn  # the packed one runs as a chain
     rng = np.random.default_rng(7)
     for rows in (1, 2, 23, 256):
         x = torch.from_numpy(rng.standard_normal((rows, 256), dtype=np.float32))
@@ -202,5 +279,6 @@ def test_model_yaml_switch_loads_a_user_model_packed(tmp_path: Path) -> None:
     model = load_model(load_model_spec(folder), "cpu")
     module: Any = model._fn
     assert isinstance(module[0], PackedLinear) and isinstance(module[2], PackedLinear)
+    assert model._call is not module
     (out,) = model.run([seeded(5, 6)])
     assert out.shape == (5, 2)
