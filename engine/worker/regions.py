@@ -180,8 +180,16 @@ def parse_request(
     )
 
 
+#: Output layouts (dtypes and shapes) a worker keeps the region plans of, at most.
+MAX_OUTPUT_PLANS = 256
+_output_plans: dict[Hashable, tuple[int, list[int], bytes]] = {}
+
+
 def write_outputs(arena: Arena, outputs: list[np.ndarray], batched: bool) -> tuple[int, int]:
     """Write a batch's outputs into one new region of the worker's output ``arena``.
+
+    The region's size, data offsets and header bytes are planned once per layout (outputs' dtypes
+    and shapes): a model answers batches of a few sizes, and this runs right after each forward.
 
     Returns:
         The region's (offset, length).
@@ -189,17 +197,31 @@ def write_outputs(arena: Arena, outputs: list[np.ndarray], batched: bool) -> tup
     Raises:
         ResourceExhausted: the arena has no room for the region.
     """
-    total, offs = region_layout([o.nbytes for o in outputs])
+    key = (batched, *[(o.dtype, o.shape) for o in outputs])
+    plan = _output_plans.get(key)
+    if plan is None:
+        plan = _plan_outputs(outputs, batched)
+        if len(_output_plans) >= MAX_OUTPUT_PLANS:
+            _output_plans.clear()
+        _output_plans[key] = plan
+    total, offs, head = plan
     offset = arena.try_alloc(total)
     if offset < 0:
         raise ResourceExhausted("worker output arena is full; retry")
+    arena.write(offset, head)
+    for j, out in enumerate(outputs):
+        arena.write(offset + offs[j], out)
+    return offset, total
+
+
+def _plan_outputs(outputs: list[np.ndarray], batched: bool) -> tuple[int, list[int], bytes]:
+    total, offs = region_layout([o.nbytes for o in outputs])
+    head = bytearray(HEADER_BYTES + TENSOR_DESC.size * len(outputs))
     pack_region_head(
-        arena.view(offset, HEADER_BYTES + TENSOR_DESC.size * len(outputs)).data,
+        memoryview(head),
         RES_MAGIC,
         FLAG_BATCHED if batched else 0,
         0,
         [(DTYPE_CODES[kserve_name(o.dtype)], o.shape, offs[j], o.nbytes) for j, o in enumerate(outputs)],
     )
-    for j, out in enumerate(outputs):
-        arena.write(offset + offs[j], out)
-    return offset, total
+    return total, offs, bytes(head)

@@ -37,14 +37,24 @@ def count_batch(
         queue_ns: the time its requests waited before it ran, summed.
         compute_ns: how long it ran.
     """
-    add_stat(control, base, "success", requests)
-    add_stat(control, base, "batches", 1)
-    add_stat(control, base, "rows", rows)
-    add_stat(control, base, "queue_ns", queue_ns)
-    add_stat(control, base, "compute_ns", compute_ns)
-    add_stat(control, base, "compute_req_ns", compute_ns * requests)
-    add_stat(control, base, f"batch_le_{batch_bucket(rows)}", 1)
-    add_stat(control, base, f"batch_ns_le_{batch_bucket(rows)}", compute_ns)
+    # what add_stat does for each counter, from offsets worked out at import: this runs once per
+    # batch, right after the forward, when every Python call costs twice its usual time
+    add = control.fetch_add_u64
+    if requests:
+        add(base + _SUCCESS, requests)
+    add(base + _BATCHES, 1)
+    control.store_u64(base + _LAST_NS, time.time_ns())
+    if rows:
+        add(base + _ROWS, rows)
+    if queue_ns:
+        add(base + _QUEUE_NS, queue_ns)
+    le, ns_le = _BUCKETS[min(rows, len(_BUCKETS) - 1)]
+    add(base + le, 1)
+    if compute_ns:
+        add(base + _COMPUTE_NS, compute_ns)
+        if requests:
+            add(base + _COMPUTE_REQ_NS, compute_ns * requests)
+        add(base + ns_le, compute_ns)
 
 
 def batch_bucket(rows: int) -> int:
@@ -53,3 +63,16 @@ def batch_bucket(rows: int) -> int:
     while b < rows and b < 512:
         b <<= 1
     return min(b, 512)
+
+
+def _at(name: str) -> int:
+    return 8 * STAT_INDEX[name]
+
+
+_SUCCESS, _BATCHES, _LAST_NS, _ROWS, _QUEUE_NS, _COMPUTE_NS, _COMPUTE_REQ_NS = map(
+    _at, ("success", "batches", "last_ns", "rows", "queue_ns", "compute_ns", "compute_req_ns")
+)
+#: the offsets of (batch_le_<n>, batch_ns_le_<n>) by a batch's rows, up to the last bucket's
+_BUCKETS = [
+    (_at(f"batch_le_{batch_bucket(rows)}"), _at(f"batch_ns_le_{batch_bucket(rows)}")) for rows in range(513)
+]

@@ -1,4 +1,5 @@
-"""`engine.worker.regions.parse_request`: the worker's check of a request region a front-end wrote.
+"""The worker's regions: its check of a request region a front-end wrote (`parse_request`), and the
+response regions it writes (`write_outputs`) as the front-ends read them.
 
 The gateway validates requests before it writes them, so these checks are the worker's defence
 against a front-end bug (or a corrupted arena): every malformed region must raise InvalidArgument,
@@ -17,11 +18,13 @@ from engine.dtypes import DTYPE_CODES
 from engine.errors import InvalidArgument
 from engine.models import builtin_repository
 from engine.models.repository import load_repository
-from engine.models.spec import ModelSpec
+from engine.models.spec import ModelSpec, TensorSpec
 from engine.shm import HEADER_BYTES, REQ_MAGIC, RES_MAGIC, TENSOR_DESC, pack_region_head, region_layout
+from engine.worker import regions
 from engine.worker.regions import MAX_REQUEST_PLANS, RequestPlan, parse_request, write_outputs
 from ext.arena import Arena
 from ext.segment import Segment
+from servers.gateway_responses import parse_outputs
 
 I32 = DTYPE_CODES["INT32"]
 
@@ -198,3 +201,34 @@ def test_outputs_round_trip_through_a_response_region(arena: Arena, simple: Mode
     offset, total = write_outputs(arena, outs, batched=True)
     magic = int.from_bytes(bytes(arena.view(offset, 4)), "little")
     assert magic == RES_MAGIC and total >= sum(o.nbytes for o in outs)
+
+
+def two_outputs(batched: bool) -> ModelSpec:
+    return ModelSpec(
+        name="two",
+        backend="python",
+        max_batch_size=8 if batched else 0,
+        inputs=(TensorSpec("X", "FP32", (-1,)),),
+        outputs=(TensorSpec("A", "FP32", (-1,)), TensorSpec("B", "INT64", (-1,))),
+    )
+
+
+def test_outputs_read_back_as_written_for_every_layout(arena: Arena) -> None:
+    # each layout batched and not, then again (planned before), then more layouts than the plans keep
+    rng = np.random.default_rng(5)
+    specs = {batched: two_outputs(batched) for batched in (True, False)}
+    layouts = [(rows, width) for rows in (0, 1, 3, 8) for width in (1, 5)]
+    regions._output_plans.clear()
+    for rows, width in [*layouts, *layouts, *((1, w) for w in range(2, regions.MAX_OUTPUT_PLANS + 10))]:
+        for batched, spec in specs.items():
+            outs = [
+                rng.standard_normal((rows, width)).astype(np.float32),
+                rng.integers(-(1 << 40), 1 << 40, size=(rows, width + 1)),
+            ]
+            offset, total = write_outputs(arena, outs, batched)
+            got = parse_outputs(arena, offset, total, spec)
+            assert [(name, b) for name, _, b in got] == [("A", batched), ("B", batched)]
+            for (_, view, _), want in zip(got, outs, strict=True):
+                assert view.dtype == want.dtype and np.array_equal(view, want)
+            arena.free(offset)
+    assert len(regions._output_plans) <= regions.MAX_OUTPUT_PLANS
