@@ -131,6 +131,12 @@ class WorkerCore:
         ]
         self.loaded: set[int] = set()
         self._inflight_at = [layout.frontend(f, F_INFLIGHT) for f in range(layout.n_frontends)]
+        # per front-end: its generation, this worker's acknowledgement of it, its acknowledgement of
+        # this worker (read every step by `sync_peers`)
+        self._handshake_at = [
+            (layout.frontend(f, F_GEN), layout.ack_w(w, f), layout.ack_f(f, w))
+            for f in range(layout.n_frontends)
+        ]
         # the board offsets of this worker's counters, computed once (they are on the request path)
         self._stat_base = [layout.stat(w, m, STAT_NAMES[0]) for m in range(len(self.specs))]
         self.breakers = [CircuitBreaker(breaker_failures, int(breaker_cooldown_s * 1e9)) for _ in self.specs]
@@ -145,6 +151,7 @@ class WorkerCore:
         self._plans: list[dict[bytes, RequestPlan]] = [{} for _ in self.specs]
         self._buf = np.empty(256, dtype=DESC_DTYPE)
         self._active: list[Peer] = []
+        self._active_rings: list[Ring] = []
         self._to_wake: set[int] = set()
         # whether the last step took descriptors (requests, releases) with at most
         # SPIN_INFLIGHT_AT_MOST submissions in flight: only then does the worker spin before it sleeps
@@ -155,18 +162,25 @@ class WorkerCore:
     def sync_peers(self) -> None:
         """Take new front-end incarnations: drop what the dead one left, reset the pair, acknowledge."""
         active = []
-        for peer in self.peers:
-            fgen = self.control.load_u64(self.layout.frontend(peer.f, F_GEN))
+        load = self.control.load_u64
+        for peer, (gen_at, ack_w_at, ack_f_at) in zip(self.peers, self._handshake_at, strict=True):
+            fgen = load(gen_at)
             if fgen != peer.acked:
                 self._forget_frontend(peer)
                 if fgen:
                     peer.request.reset()
                     peer.response.reset()
                 peer.acked = fgen
-                self.control.store_u64(self.layout.ack_w(self.w, peer.f), fgen)
-            if peer.acked and self.control.load_u64(self.layout.ack_f(peer.f, self.w)) == self.gen:
+                self.control.store_u64(ack_w_at, fgen)
+            if peer.acked and load(ack_f_at) == self.gen:
                 active.append(peer)
-        self._active = active
+        if active != self._active:
+            self.set_active(active)
+
+    def set_active(self, peers: list[Peer]) -> None:
+        """The pairs whose handshake is complete: the only ones drained and waited on."""
+        self._active = peers
+        self._active_rings = [peer.request for peer in peers]
 
     def _forget_frontend(self, peer: Peer) -> None:
         for batcher in self.batchers:
@@ -208,7 +222,7 @@ class WorkerCore:
                 self.word.doze(min(wait, DOZE_MAX_S))
             else:
                 spin_s = self.spin_s if self._light_traffic else 0.0
-                wait_rings(self.word, [p.request for p in self._active], spin_s, wait)
+                wait_rings(self.word, self._active_rings, spin_s, wait)
         taken = 0
         for peer in self._active:
             taken += self._drain(peer)
@@ -222,7 +236,7 @@ class WorkerCore:
         return taken
 
     def _next_wakeup(self) -> int | None:
-        times = [t for b in self.batchers if (t := b.next_wakeup_ns()) is not None]
+        times = [t for b in self.batchers if len(b) and (t := b.next_wakeup_ns()) is not None]
         return min(times) if times else None
 
     def _drain(self, peer: Peer) -> int:
@@ -315,8 +329,12 @@ class WorkerCore:
 
     def _compute_due(self) -> None:
         while True:
+            # most models hold nothing at a given step: only the others are looked at
+            held = [(m, batcher) for m, batcher in enumerate(self.batchers) if len(batcher)]
+            if not held:
+                return
             now = self.clock()
-            for m, batcher in enumerate(self.batchers):
+            for m, batcher in held:
                 for p in batcher.pop_expired(now):
                     self._cancelled.discard((p.f, p.req_id))
                     add_stat(self.control, self._stat_base[m], "expired", p.requests)
@@ -327,9 +345,9 @@ class WorkerCore:
                         DeadlineExceeded("deadline exceeded before the request was computed"),
                     )
             best: tuple[int, list[Pending]] | None = None
-            for m, batcher in enumerate(self.batchers):
+            for m, batcher in held:
                 if not len(batcher):
-                    continue
+                    continue  # what it held had expired
                 batch = batcher.next_batch(now)
                 if batch is None and self._nobody_coming(m, batcher):
                     # waiting would only leave the device idle: run what is queued now
@@ -350,18 +368,23 @@ class WorkerCore:
     def _execute(self, m: int, batch: list[Pending]) -> None:
         spec = self.specs[m]
         live = []
+        rows = requests = 0
+        arrived = 0  # the arrival times, each counted once per client request it stands for
+        peers = self.peers
+        cancelled = self._cancelled
         for p in batch:
-            if p.fgen != self.peers[p.f].acked:
+            if p.fgen != peers[p.f].acked:
                 continue  # its front-end died: nobody waits for the answer
-            if self._cancelled and (p.f, p.req_id) in self._cancelled:
-                self._cancelled.discard((p.f, p.req_id))
+            if cancelled and (p.f, p.req_id) in cancelled:
+                cancelled.discard((p.f, p.req_id))
                 self._respond_error(p.f, p.req_id, m, Cancelled("cancelled by the client"))
                 continue
             live.append(p)
+            rows += p.rows
+            requests += p.requests
+            arrived += p.arrival_ns * p.requests
         if not live:
             return
-        rows = sum(p.rows for p in live)
-        requests = sum(p.requests for p in live)
         start = self.clock()
         breaker = self.breakers[m]
         if not breaker.allow(start):
@@ -397,8 +420,7 @@ class WorkerCore:
         self.regions[offset] = OutputRegion(len(live), holders)
         if breaker.state != CLOSED:
             self._breaker_record(m, True)
-        queue_ns = sum((start - p.arrival_ns) * p.requests for p in live)
-        count_batch(self.control, self._stat_base[m], requests, rows, queue_ns, end - start)
+        count_batch(self.control, self._stat_base[m], requests, rows, start * requests - arrived, end - start)
         self.observer.batch(m, live, start, end)
 
     def _nobody_coming(self, m: int, batcher: Batcher[Pending]) -> bool:

@@ -67,7 +67,7 @@ def run_steps(
 
     monkeypatch.setattr(core_module, "wait_rings", wait_rings)
     # the front-end's side of the handshake is not here: make its pair active
-    monkeypatch.setattr(core, "sync_peers", lambda: setattr(core, "_active", core.peers[:1]))
+    monkeypatch.setattr(core, "sync_peers", lambda: core.set_active(core.peers[:1]))
     monkeypatch.setattr(core, "_drain", drain)
     if not board:
         monkeypatch.setattr(core, "_inflight_total", lambda: inflight[0])
