@@ -225,7 +225,8 @@ class WorkerCore:
                 wait_rings(self.word, self._active_rings, spin_s, wait)
         taken = 0
         for peer in self._active:
-            taken += self._drain(peer)
+            if not peer.request.is_empty():  # most rings are, at a step: no call for them
+                taken += self._drain(peer)
         self._light_traffic = taken > 0 and self._inflight_total() <= SPIN_INFLIGHT_AT_MOST
         self._compute_due()
         self._flush()
