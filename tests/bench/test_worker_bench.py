@@ -4,11 +4,11 @@ Each round is what a ZMQ front-end's coalesced group makes the worker do at conc
 request descriptor of 32 rows of the built-in ``mlp``'s shape (a region written into a real front-end
 arena, as the gateway writes it) and the release of the previous round's output region, batch it,
 run it, write the output region and push the answer. ``run_batch`` returns the inputs (identity),
-so what is measured is the worker's Python and shared memory around the model: median ~39 µs per
-round on the 2-core VM. The same rounds with the real ``mlp`` forward in ``run_batch`` cost ~82 µs
-outside it: the forward streams 4 MiB of weights through a 2 MiB L2 and the Python after it runs
-cold (BENCHMARKS.md §7; ~190 µs per batch in the live worker, timer included). Every round's
-answer is checked (request id, rows, output bytes).
+so what is measured is the worker's Python and shared memory around the model: median ~30 µs per
+round on the 2-core VM (~39 before the batch's counters, output headers and step were trimmed).
+The same rounds with the real ``mlp`` forward in ``run_batch`` cost ~70 µs outside it (~82
+before): the forward streams 4 MiB of weights through a 2 MiB L2 and the Python after it runs
+cold (BENCHMARKS.md §7). Every round's answer is checked (request id, rows, output bytes).
 """
 
 from __future__ import annotations
