@@ -54,6 +54,14 @@ def _identity(spec: ModelSpec, m: int, inputs: Sequence[Sequence[np.ndarray]], r
     return [np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts)]
 
 
+def request_head(x: np.ndarray) -> tuple[int, int, bytes]:
+    """A one-input FP32 request region for ``x``: its size, its data offset and its header bytes."""
+    total, offs = region_layout([x.nbytes])
+    head = bytearray(HEADER_BYTES + TENSOR_DESC.size)
+    pack_region_head(memoryview(head), REQ_MAGIC, 0, 0, [(DTYPE_CODES["FP32"], x.shape, offs[0], x.nbytes)])
+    return total, offs[0], bytes(head)
+
+
 class Rig:
     """A board with one worker and one front-end, the front-end's arena, and the worker's core."""
 
@@ -106,13 +114,8 @@ class Rig:
         assert self.core._active, "the front-end's pair is active"
         x = np.random.default_rng(0).standard_normal((ROWS, 256), dtype=np.float32)
         self.rows = x
-        total, offs = region_layout([x.nbytes])
-        head = bytearray(HEADER_BYTES + TENSOR_DESC.size)
-        pack_region_head(
-            memoryview(head), REQ_MAGIC, 0, 0, [(DTYPE_CODES["FP32"], x.shape, offs[0], x.nbytes)]
-        )
         # an answer's region has the same layout: one tensor of the same bytes
-        self.total, self.data_at, self.head = total, offs[0], bytes(head)
+        self.total, self.data_at, self.head = request_head(x)
         self.req_id = 0
         self.last_output = -1
 
@@ -134,6 +137,15 @@ class Rig:
         self.last_output = offset
         data = bytes(self.core.arena.view(offset + self.data_at, self.rows.nbytes).data)
         return req_id, length, data
+
+    def submit(self, req_id: int, x: np.ndarray, requests: int) -> None:
+        """Write ``x`` as one request region and push its descriptor, standing for ``requests``
+        client requests (a coalesced group), as the gateway does."""
+        total, data_at, head = request_head(x)
+        region = self.arena.try_alloc(total)
+        self.arena.write(region, head)
+        self.arena.write(region + data_at, x)
+        self.request.push(KIND_REQUEST, self.m, req_id, region, total, 0, requests, 0, 0, FRONTEND_GEN)
 
     def close(self) -> None:
         os.close(self.fd)

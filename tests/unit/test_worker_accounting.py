@@ -10,17 +10,8 @@ import numpy as np
 import pytest
 
 import engine.worker.core as core_module
-from engine.dtypes import DTYPE_CODES
-from engine.shm import (
-    F_INFLIGHT,
-    HEADER_BYTES,
-    KIND_REQUEST,
-    REQ_MAGIC,
-    TENSOR_DESC,
-    pack_region_head,
-    region_layout,
-)
-from tests.bench.test_worker_bench import FRONTEND_GEN, Rig
+from engine.shm import F_INFLIGHT
+from tests.bench.test_worker_bench import Rig
 
 
 @pytest.fixture
@@ -31,16 +22,7 @@ def rig() -> Iterator[Rig]:
 
 
 def submit(rig: Rig, req_id: int, rows: int, requests: int) -> None:
-    """A submission of ``rows`` rows standing for ``requests`` client requests, as the gateway
-    writes one."""
-    x = np.full((rows, 256), req_id, dtype=np.float32)
-    total, offs = region_layout([x.nbytes])
-    head = bytearray(HEADER_BYTES + TENSOR_DESC.size)
-    pack_region_head(memoryview(head), REQ_MAGIC, 0, 0, [(DTYPE_CODES["FP32"], x.shape, offs[0], x.nbytes)])
-    region = rig.arena.try_alloc(total)
-    rig.arena.write(region, bytes(head))
-    rig.arena.write(region + offs[0], x)
-    rig.request.push(KIND_REQUEST, rig.m, req_id, region, total, 0, requests, 0, 0, FRONTEND_GEN)
+    rig.submit(req_id, np.full((rows, 256), req_id, dtype=np.float32), requests)
 
 
 class Recorder:
