@@ -158,6 +158,10 @@ class ServerConnection:
         self._block_end_stream = False
         #: set when the connection is ending: frames after it are not read
         self.closing = False
+        # `pause_parsing`: the frames after the one being handled wait, unparsed, for
+        # `resume_parsing` (a view of what was received: not copied)
+        self._parse_paused = False
+        self._held_back: memoryview | None = None
 
     # ---- events, for subclasses ------------------------------------------------------------------
 
@@ -332,11 +336,36 @@ class ServerConnection:
 
     # ---- receiving -------------------------------------------------------------------------------
 
+    def pause_parsing(self) -> None:
+        """Called from an ``on_*`` event: stop after the frame being handled. What follows (and
+        whatever `receive` takes meanwhile) is kept unparsed, in order, until `resume_parsing`."""
+        self._parse_paused = True
+
+    @property
+    def parsing_paused(self) -> bool:
+        """Whether received bytes wait for `resume_parsing`."""
+        return self._parse_paused
+
+    def resume_parsing(self) -> None:
+        """Parse what `pause_parsing` held back (an event may pause again).
+
+        Raises `H2ProtocolError` as `receive` does.
+        """
+        self._parse_paused = False
+        held, self._held_back = self._held_back, None
+        if held is not None:
+            self.receive(held)
+
     def receive(self, data: bytes | bytearray | memoryview) -> None:
         """Take the bytes the peer sent; events arrive as ``on_*`` calls before it returns.
 
         Raises `H2ProtocolError` (a GOAWAY queued) when the peer broke the protocol.
         """
+        if self._parse_paused:
+            # more bytes while parsing waits (rare: the reader pauses its transport meanwhile)
+            held = self._held_back
+            self._held_back = memoryview(bytes(held) + bytes(data) if held is not None else bytes(data))
+            return
         if self._data_left:
             data = self._rest_of_data(data)
             if not data:
@@ -389,7 +418,7 @@ class ServerConnection:
             self._preface_seen = True
             pos = len(PREFACE)
         unpack = _HEAD.unpack_from
-        while end - pos >= 9 and not self.closing:
+        while end - pos >= 9 and not self.closing and not self._parse_paused:
             hi, lo, ftype, flags, sid = unpack(data, pos)
             length = hi << 8 | lo
             if length > self.max_inbound_frame_size:
@@ -452,6 +481,9 @@ class ServerConnection:
                 raise H2ProtocolError(ErrorCode.PROTOCOL_ERROR, "CONTINUATION without HEADERS")
             # other frame types are extensions: ignored (RFC 9113 §5.5)
         if pos < end and not self.closing:
+            if self._parse_paused:
+                self._held_back = memoryview(data)[pos:]
+                return
             self._buf += memoryview(data)[pos:]
             self._need = 9
 

@@ -761,3 +761,149 @@ def test_a_peer_goaway_drops_its_calls_and_ends_the_connection() -> None:
         assert await channel.unary_unary("/t.T/Echo")(b"fine", timeout=TIMEOUT_S) == b"fine"
 
     run(scenario)
+
+
+# ---- many calls in one read ---------------------------------------------------------------------
+
+
+class FakeTransport:
+    """What a `grpc_h2.Connection` uses of its transport, recording writes and read pauses."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.reading = True
+        self.closed = False
+        self.log: list[str] = []
+
+    def set_write_buffer_limits(self, high: int) -> None:
+        pass
+
+    def get_extra_info(self, name: str) -> Any:
+        return ("127.0.0.1", 5) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+        self.log.append("write")
+
+    def writelines(self, pieces: list[bytes]) -> None:
+        self.write(b"".join(pieces))
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def echo_client_bytes(n: int) -> tuple[Any, bytes]:
+    """An `h2` client and what it sends for ``n`` Echo calls: preface, SETTINGS and the calls."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    for i in range(n):
+        send_call(client, 1 + 2 * i, "/t.T/Echo", b"call %d" % i)
+    return client, client.data_to_send()
+
+
+def data_frames(data: bytes | bytearray) -> int:
+    """How many DATA frames the server's bytes ``data`` hold."""
+    count = pos = 0
+    while pos + 9 <= len(data):
+        count += data[pos + 3] == http2.DATA
+        pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
+    return count
+
+
+def answers(client: Any, data: bytes) -> dict[int, bytes]:
+    """The DATA each stream of ``client`` got in ``data``, per stream."""
+    got: dict[int, bytes] = {}
+    for event in client.receive_data(bytes(data)):
+        if isinstance(event, h2.events.DataReceived):
+            got[event.stream_id] = got.get(event.stream_id, b"") + event.data
+    return got
+
+
+def test_a_read_of_many_calls_starts_them_a_turn_at_a_time_and_answers_in_between(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One read may hold hundreds of calls; the answers that come back while it is parsed must not
+    # wait for the whole read: the connection starts CALLS_PER_TURN calls per turn of the loop.
+    monkeypatch.setattr(grpc_h2, "CALLS_PER_TURN", 4)
+    n = 20
+
+    async def main() -> None:
+        handlers = Handlers()
+        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
+        conn = grpc_h2.Connection(server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        started = conn.on_end
+
+        answered_at_start: dict[int, int] = {}
+
+        def on_end(sid: int) -> None:
+            transport.log.append(f"start {sid}")
+            answered_at_start[sid] = data_frames(transport.written)
+            started(sid)
+
+        monkeypatch.setattr(conn, "on_end", on_end)
+        client, wire = echo_client_bytes(n)
+        conn.data_received(wire)
+        assert transport.log.count("start 1") == 1 and "start 9" not in transport.log  # 4 of 20
+        assert not transport.reading  # nothing more is read while calls wait in this read
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if len(conn.calls) == 0 and transport.reading:
+                break
+        got = answers(client, transport.written)
+        assert {sid: body for sid, body in got.items()} == {
+            1 + 2 * i: framed(b"call %d" % i) for i in range(n)
+        }
+        assert transport.reading
+        assert answered_at_start[1] == 0
+        assert answered_at_start[2 * n - 1] >= 4  # the first turn's calls were answered by then
+        await server.stop(0.1)
+
+    uvloop.run(main())
+
+
+def test_a_connection_backed_up_on_writes_reads_on_only_once_both_let_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(grpc_h2, "CALLS_PER_TURN", 2)
+
+    async def main() -> None:
+        handlers = Handlers()
+        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
+        conn = grpc_h2.Connection(server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        client, wire = echo_client_bytes(6)
+        conn.data_received(wire)
+        conn.pause_writing()  # the peer stopped reading our answers
+        conn.resume_writing()  # ... and caught up, while this read's calls still wait
+        assert not transport.reading
+        conn.pause_writing()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not conn.parsing_paused
+        assert not transport.reading  # every held call started, but the writes are still backed up
+        conn.resume_writing()
+        assert transport.reading
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert len(answers(client, transport.written)) == 6
+        await server.stop(0.1)
+
+    uvloop.run(main())

@@ -1108,3 +1108,89 @@ def test_a_large_frame_past_the_connection_window_is_refused_as_its_pieces_arriv
         server.receive(wire[30_000:90_000])
     assert [f.type for f in parse_frames(server.data_to_send())][-1] == GOAWAY
     assert sum(e[3] for e in data_events(server)) <= DEFAULT_WINDOW
+
+
+# ---- parsing paused by an event -----------------------------------------------------------------
+
+
+class Pausing(Recorder):
+    """Pauses parsing at every END_STREAM, as the gRPC layer does once it has started its quota of
+    calls for one turn of the loop."""
+
+    def on_end(self, sid: int) -> None:
+        super().on_end(sid)
+        self.pause_parsing()
+
+
+def test_a_pause_holds_the_frames_after_it_until_resumed() -> None:
+    server = Pausing()
+    server.initiate()
+    server.receive(PREFACE + settings_frame())
+    server.data_to_send()
+    calls = [headers_frame(sid) + data_frame(sid, b"m%d" % sid, end_stream=True) for sid in (1, 3, 5)]
+    server.receive(b"".join(calls) + frame(PING, 0, 0, b"pingpong"))
+    assert server.parsing_paused
+    assert server.events[-1] == ("end", 1)
+    assert [e[1] for e in server.events if e[0] == "request"] == [1]
+    assert server.data_to_send() == b""  # the PING waits with the rest
+    server.receive(headers_frame(7, end_stream=True))  # bytes that come while paused wait too
+    assert [e[1] for e in server.events if e[0] == "end"] == [1]
+    server.resume_parsing()
+    assert server.events[-1] == ("end", 3)
+    server.resume_parsing()
+    assert server.events[-1] == ("end", 5)
+    assert server.data_to_send() == b""
+    server.resume_parsing()  # the PING, then stream 7's HEADERS, which ends it
+    assert [f.payload for f in parse_frames(server.data_to_send()) if f.type == PING] == [b"pingpong"]
+    assert server.events[-2:] == [("request", 7, REQUEST), ("end", 7)]
+    server.resume_parsing()
+    assert not server.parsing_paused
+    server.resume_parsing()  # nothing held: nothing happens
+    assert server.events[-1] == ("end", 7)
+
+
+def test_a_pause_before_a_torn_frame_keeps_its_start_for_the_rest() -> None:
+    server = Pausing()
+    server.initiate()
+    server.receive(PREFACE + settings_frame())
+    second = headers_frame(3) + data_frame(3, b"second", end_stream=True)
+    server.receive(headers_frame(1, end_stream=True) + second[:20])
+    assert server.events[-1] == ("end", 1)
+    server.resume_parsing()  # only 20 bytes of stream 3: nothing whole yet
+    assert not server.parsing_paused and server.events[-1] == ("end", 1)
+    server.receive(second[20:])
+    assert server.events[-3:] == [("request", 3, REQUEST), ("data", 3, b"second", 6), ("end", 3)]
+
+
+def test_pauses_anywhere_give_the_same_events_and_output(seed: int) -> None:
+    rng = random.Random(seed)
+    data = client_conversation()
+    whole = feed([data])
+    for _ in range(20):
+        server = Pausing()
+        server.initiate()
+        pos = 0
+        while pos < len(data):
+            size = rng.choice((1, 9, 10, rng.randint(1, 3000)))
+            server.receive(data[pos : pos + size])
+            pos += size
+            while server.parsing_paused and rng.random() < 0.5:
+                assert server.events[-1][0] == "end"  # it stopped right after the frame that paused
+                server.resume_parsing()
+        while server.parsing_paused:
+            server.resume_parsing()
+        assert (server.events, server.data_to_send()) == whole
+
+
+def test_a_large_data_frame_that_ends_a_stream_pauses_after_its_last_piece() -> None:
+    payload = bytes(range(256)) * 200  # 50 KiB: passed on in pieces
+    wire = data_frame(1, payload, end_stream=True) + headers_frame(3, end_stream=True)
+    server = Pausing(max_frame_size=BIG, initial_window=4 * BIG)
+    server.initiate()
+    server.receive(PREFACE + settings_frame() + headers_frame(1))
+    for i in range(0, len(wire), 20_000):
+        server.receive(wire[i : i + 20_000])
+    assert server.events[-1] == ("end", 1)
+    assert b"".join(bytes(e[2]) for e in data_events(server)) == payload
+    server.resume_parsing()
+    assert server.events[-2:] == [("request", 3, REQUEST), ("end", 3)]
