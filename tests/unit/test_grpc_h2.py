@@ -907,3 +907,29 @@ def test_a_connection_backed_up_on_writes_reads_on_only_once_both_let_it(
         await server.stop(0.1)
 
     uvloop.run(main())
+
+
+def test_calls_held_in_a_read_are_dropped_with_their_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grpc_h2, "CALLS_PER_TURN", 3)
+
+    async def main() -> None:
+        handlers = Handlers()
+        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
+        conn = grpc_h2.Connection(server)
+        transport = FakeTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        client = h2.connection.H2Connection(config)
+        client.initiate_connection()
+        for i in range(9):
+            send_call(client, 1 + 2 * i, "/t.T/Block", b"")
+        conn.data_received(client.data_to_send())
+        assert conn.parsing_paused and len(conn.calls) == 3
+        conn.connection_lost(None)  # the peer is gone with six calls not started yet
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert handlers.started <= 3 and not conn.calls  # the held six never start
+        await until(lambda: server.active == 0)
+        await server.stop(0.1)
+
+    uvloop.run(main())
