@@ -807,12 +807,22 @@ class FakeTransport:
         self.closed = True
 
 
-def echo_client_bytes(n: int) -> tuple[Any, bytes]:
-    """An `h2` client and what it sends for ``n`` Echo calls: preface, SETTINGS and the calls."""
+def on_fake_transport(handlers: Handlers) -> tuple[H2GrpcServer, grpc_h2.Connection, FakeTransport]:
+    """A server of ``handlers``' table (not listening) and one connection of it on a `FakeTransport`."""
+    server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
+    conn = grpc_h2.Connection(server)
+    transport = FakeTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    return server, conn, transport
+
+
+def client_calls_bytes(n: int, path: str = "/t.T/Echo") -> tuple[Any, bytes]:
+    """An `h2` client and what it sends for ``n`` calls of ``path`` (call i sends ``call i``):
+    preface, SETTINGS and the calls."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
     client.initiate_connection()
     for i in range(n):
-        send_call(client, 1 + 2 * i, "/t.T/Echo", b"call %d" % i)
+        send_call(client, 1 + 2 * i, path, b"call %d" % i)
     return client, client.data_to_send()
 
 
@@ -844,10 +854,7 @@ def test_a_read_of_many_calls_starts_them_a_turn_at_a_time_and_answers_in_betwee
 
     async def main() -> None:
         handlers = Handlers()
-        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
-        conn = grpc_h2.Connection(server)
-        transport = FakeTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
+        server, conn, transport = on_fake_transport(handlers)
         started = conn.on_end
 
         answered_at_start: dict[int, int] = {}
@@ -858,7 +865,7 @@ def test_a_read_of_many_calls_starts_them_a_turn_at_a_time_and_answers_in_betwee
             started(sid)
 
         monkeypatch.setattr(conn, "on_end", on_end)
-        client, wire = echo_client_bytes(n)
+        client, wire = client_calls_bytes(n)
         conn.data_received(wire)
         assert transport.log.count("start 1") == 1 and "start 9" not in transport.log  # 4 of 20
         assert not transport.reading  # nothing more is read while calls wait in this read
@@ -885,11 +892,8 @@ def test_a_connection_backed_up_on_writes_reads_on_only_once_both_let_it(
 
     async def main() -> None:
         handlers = Handlers()
-        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
-        conn = grpc_h2.Connection(server)
-        transport = FakeTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
-        client, wire = echo_client_bytes(6)
+        server, conn, transport = on_fake_transport(handlers)
+        client, wire = client_calls_bytes(6)
         conn.data_received(wire)
         conn.pause_writing()  # the peer stopped reading our answers
         conn.resume_writing()  # ... and caught up, while this read's calls still wait
@@ -914,16 +918,9 @@ def test_calls_held_in_a_read_are_dropped_with_their_connection(monkeypatch: pyt
 
     async def main() -> None:
         handlers = Handlers()
-        server = H2GrpcServer(handlers.table(), max_message_bytes=MAX, max_inflight=1000)
-        conn = grpc_h2.Connection(server)
-        transport = FakeTransport()
-        conn.connection_made(transport)  # type: ignore[arg-type]
-        config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
-        client = h2.connection.H2Connection(config)
-        client.initiate_connection()
-        for i in range(9):
-            send_call(client, 1 + 2 * i, "/t.T/Block", b"")
-        conn.data_received(client.data_to_send())
+        server, conn, _transport = on_fake_transport(handlers)
+        _client, wire = client_calls_bytes(9, "/t.T/Block")
+        conn.data_received(wire)
         assert conn.parsing_paused and len(conn.calls) == 3
         conn.connection_lost(None)  # the peer is gone with six calls not started yet
         for _ in range(20):
