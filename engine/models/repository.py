@@ -15,6 +15,7 @@ Layout and schema (unknown keys are errors)::
         num_threads: 0           # optional
         allow_nan: true          # optional
         prepack_linear: false    # optional, torch backend: nn.Linear weights packed once for oneDNN on CPU
+                                 # (batches padded to row buckets, each bucket warmed at load)
         warmup_batch_sizes: [1]  # optional; batch sizes run once at load ("all": 1..max_batch_size)
 
 A model that fails to load is reported in `Repository.errors` with the reason; the others still load.

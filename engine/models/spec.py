@@ -80,6 +80,7 @@ class ModelSpec:
         warmup_batch_sizes: batch sizes run once on dummy inputs at load, before the worker reports
             the model ready: kernels that are built per input shape (oneDNN's on CPU, cuBLAS's
             choices on CUDA) are then built before the first request of that size, not during it.
+            Packed linear layers also warm every row bucket they compute at, whatever this says.
     """
 
     name: str

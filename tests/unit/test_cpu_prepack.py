@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -282,3 +283,68 @@ def test_model_yaml_switch_loads_a_user_model_packed(tmp_path: Path) -> None:
     assert model._call is not module
     (out,) = model.run([seeded(5, 6)])
     assert out.shape == (5, 2)
+
+
+def test_row_buckets_pad_at_most_an_eighth_with_eight_sizes_per_doubling() -> None:
+    bucket_rows = cpu_prepack.bucket_rows
+    assert [bucket_rows(n) for n in range(17)] == list(range(17))  # small batches run as they are
+    padded = {17: 18, 18: 18, 19: 20, 33: 36, 100: 104, 129: 144, 256: 256, 257: 288}
+    assert {n: bucket_rows(n) for n in padded} == padded
+    previous = 0
+    for rows in range(1, 5000):
+        bucket = bucket_rows(rows)
+        assert rows <= bucket <= rows * 1.125
+        assert bucket_rows(bucket) == bucket
+        assert bucket >= previous
+        previous = bucket
+    for low in (16, 32, 64, 128, 1024):
+        assert len({bucket_rows(n) for n in range(low + 1, 2 * low + 1)}) == 8
+    sizes = cpu_prepack.bucket_sizes(256)
+    assert len(sizes) == 15 + 4 * 8 and sizes[0] == 2 and sizes[-1] == 256
+    assert {bucket_rows(n) for n in range(2, 257)} == set(sizes)
+    assert cpu_prepack.bucket_sizes(250)[-1] == 256  # the largest batch's bucket, above it
+    assert cpu_prepack.bucket_sizes(1) == ()
+
+
+def onednn_shapes(run: Any, capfd: pytest.CaptureFixture[str]) -> tuple[list[int], list[str]]:
+    """The batch rows of the oneDNN inner products ``run()`` executes, and how each was created."""
+    capfd.readouterr()
+    with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON_CREATION):
+        run()
+    lines = [line for line in capfd.readouterr().out.splitlines() if ",inner_product," in line]
+    rows = [int(m) for line in lines if ",exec," in line for m in re.findall(r"\bmb(\d+)ic", line)[:1]]
+    created = re.findall(r"create:(cache_\w+)", "\n".join(lines))
+    return rows, created
+
+
+@pytest.mark.parametrize("how", ["chain", "module"])
+def test_packed_layers_compute_at_the_bucket_and_answer_for_the_real_rows(
+    how: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    plain = mlp(32, 64, 8)
+    model = packed_mlp(32, 64, 8)
+    run = chain_call(model) if how == "chain" else model
+    assert run is not None
+    for rows in (17, 33, 100, 129):
+        x = seeded(rows, 32, seed=300 + rows)
+        with torch.inference_mode():
+            want = plain(x)
+            got: list[torch.Tensor] = []
+            computed, _ = onednn_shapes(lambda x=x, got=got: got.append(run(x)), capfd)
+        assert computed == [cpu_prepack.bucket_rows(rows)] * 2  # both layers, padded
+        assert got[0].shape == (rows, 8) and got[0].is_contiguous()
+        torch.testing.assert_close(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_loaded_packed_model_builds_no_kernel_under_load(capfd: pytest.CaptureFixture[str]) -> None:
+    spec = load_repository(builtin_repository()).specs["mlp"]
+    assert spec.warmup_batch_sizes == (1,)  # the buckets are warmed without being asked
+    model = load_model(spec, "cpu")
+    assert model.warmup_sizes == (1, *cpu_prepack.bucket_sizes(spec.max_batch_size))
+    batches = (2, 17, 37, 100, 131, 255, 256)
+    with torch.inference_mode():
+        computed, created = onednn_shapes(lambda: [model.run([seeded(n, 256)]) for n in batches], capfd)
+    assert computed == [cpu_prepack.bucket_rows(n) for n in batches for _ in range(2)]
+    assert created and set(created) == {"cache_hit"}  # every kernel was built at load
+    plain = load_model(spec.__class__(**{**spec.__dict__, "prepack_linear": False}), "cpu")
+    assert plain.warmup_sizes == spec.warmup_batch_sizes
