@@ -9,6 +9,9 @@ on a pipe) and SIGTERMs it after; `launched_server` is that for the engine with 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import queue
 import re
@@ -177,7 +180,37 @@ def process_title(pid: int) -> str:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds the process has used (0.0 once it is gone)."""
+    """User + system CPU seconds the process has used, all its threads, those gone included (0.0
+    once it is gone). Read from the process's CPU-time clock, to the nanosecond: /proc/PID/stat
+    counts 10 ms ticks, ±4 µs per request over a 2,500-call burst for each process."""
+    clock = _cpu_clock(pid)
+    if clock is not None:
+        try:
+            return time.clock_gettime(clock)
+        except OSError:
+            return 0.0
+    return _tick_seconds(pid)
+
+
+def _cpu_clock(pid: int) -> int | None:
+    """The clock id of ``pid``'s process CPU time (``clock_getcpuclockid``), or None where libc or
+    the kernel has none for it."""
+    try:
+        libc = _libc()
+    except OSError:
+        return None
+    clock = ctypes.c_int()
+    if libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
+        return None
+    return clock.value
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
+def _tick_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
