@@ -115,7 +115,8 @@ def measure(
         ``target``, ``address``, then `bench.load_stats.summary`'s keys (``duration_s``,
         ``requests``, ``rps``, ``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``errors``,
         ``errors_by_code``, ``checked``, ``cdf``, ``hdr``...), ``rounds`` (burst mode: one summary
-        per round), ``cpu`` (CPU seconds per process over the window), ``batches`` (with ``stats``)
+        per round, each with its own ``cpu``), ``cpu`` (CPU seconds per process over the window),
+        ``batches`` (with ``stats``)
         and ``profile`` when asked.
     """
     payload = payload if payload is not None else make_payload(spec.model)
@@ -124,6 +125,7 @@ def measure(
     phases: list[PhaseResult] = []
     profiler: Profiler | None = None
     cpu: dict[str, Any] | None = None
+    round_cpu: list[dict[str, Any]] = []
     batches: dict[str, Any] | None = None
     try:
         driver.start()
@@ -143,7 +145,14 @@ def measure(
             for index in range(spec.phases):
                 if index:
                     time.sleep(ROUND_GAP_S)
-                phases.append(driver.phase())
+                before, began = meter.reading(), time.monotonic()
+                phase = driver.phase()
+                if spec.burst is not None:
+                    # each round's own CPU: in a burst, p95 is the round's total time, which the
+                    # CPU all the processes need for it sets on a shared machine
+                    window = time.monotonic() - began
+                    round_cpu.append(meter.between(before, meter.reading(), window, phase.recorder.count))
+                phases.append(phase)
                 advance()
         total = Recorder()
         for phase in phases:
@@ -168,6 +177,8 @@ def measure(
     }
     if spec.burst is not None:
         result["rounds"] = [summary(p.recorder, p.elapsed_s, with_cdf=False) for p in phases]
+        for one, used in zip(result["rounds"], round_cpu, strict=False):
+            one["cpu"] = used
     result["cpu"] = cpu
     if batches is not None:
         result["batches"] = batches

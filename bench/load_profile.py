@@ -63,17 +63,27 @@ class CpuMeter:
 
     def start(self) -> None:
         """Take the first reading."""
-        self._before = {pid: cpu_seconds(pid) for pid in self.processes}
+        self._before = self.reading()
+
+    def reading(self) -> dict[int, float]:
+        """CPU seconds of each process so far (for `between`)."""
+        return {pid: cpu_seconds(pid) for pid in self.processes}
 
     def stop(self, window_s: float, requests: int) -> dict[str, Any]:
         """The second reading: ``{"window_s", "processes": {label: {"cpu_s", "cores", "us_per_request"}}}``
         (``cores``: the share of one core it used over the window)."""
+        return self.between(self._before, self.reading(), window_s, requests)
+
+    def between(
+        self, before: dict[int, float], after: dict[int, float], window_s: float, requests: int
+    ) -> dict[str, Any]:
+        """What `stop` gives, between two `reading`s (one burst round's, say)."""
         out: dict[str, Any] = {}
         for pid, label in self.processes.items():
-            used = max(0.0, cpu_seconds(pid) - self._before.get(pid, 0.0))
+            used = max(0.0, after.get(pid, 0.0) - before.get(pid, 0.0))
             name = label if label not in out else f"{label} ({pid})"
             out[name] = {
-                "cpu_s": round(used, 3),
+                "cpu_s": round(used, 4),
                 "cores": round(used / window_s, 3) if window_s > 0 else None,
                 "us_per_request": round(used * 1e6 / requests, 1) if requests else None,
             }

@@ -316,6 +316,15 @@ def test_measure_writes_the_documented_json(
         assert all(
             REQUIRED_KEYS - {"protocol", "model", "concurrency"} <= r.keys() for r in written["rounds"]
         )
+        # each round has its own CPU per process, per request of that round
+        for r in written["rounds"]:
+            client = r["cpu"]["processes"]["client"]
+            assert client["cpu_s"] >= 0 and r["cpu"]["window_s"] >= 0
+            # (cpu_s is rounded to 0.1 ms, us_per_request computed before)
+            assert client["us_per_request"] == pytest.approx(client["cpu_s"] * 1e6 / 100, abs=0.6)
+        assert sum(r["cpu"]["processes"]["client"]["cpu_s"] for r in written["rounds"]) <= (
+            written["cpu"]["processes"]["client"]["cpu_s"] + 0.001
+        )
     else:
         assert "rounds" not in written
     assert "client" in written["cpu"]["processes"]
