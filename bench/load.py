@@ -177,7 +177,7 @@ def measure(
     }
     if spec.burst is not None:
         result["rounds"] = [summary(p.recorder, p.elapsed_s, with_cdf=False) for p in phases]
-        for one, used in zip(result["rounds"], round_cpu, strict=False):
+        for one, used in zip(result["rounds"], round_cpu, strict=True):
             one["cpu"] = used
     result["cpu"] = cpu
     if batches is not None:

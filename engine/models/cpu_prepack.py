@@ -224,16 +224,14 @@ def chain_call(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | No
     def call(x: torch.Tensor) -> torch.Tensor:
         if x.numel() == x.shape[-1] or x.dtype != torch.float32 or x.shape[-1] != width:
             return module(x)
-        if x.dim() != 2:
-            for packed, bias, attr in steps:
-                x = linear(x, packed, bias, attr, [], "")
-            return x
-        # padded once for the whole chain, at the same bucket as each layer would pad to
-        rows = x.shape[0]
-        x = _padded(x)
+        # padded once for the whole chain, to the bucket each layer would pad to alone: the chain
+        # and the module run the same kernels and answer the same, bit for bit
+        rows = x.shape[0] if x.dim() == 2 else -1
+        if rows >= 0:
+            x = _padded(x)
         for packed, bias, attr in steps:
             x = linear(x, packed, bias, attr, [], "")
-        return x[:rows]
+        return x[:rows] if rows >= 0 else x
 
     return call
 
