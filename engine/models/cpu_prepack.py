@@ -99,11 +99,11 @@ class PackedLinear(nn.Module):
             # one row (MKL's gemv is as fast), or what oneDNN would refuse with a worse message
             out = F.linear(x, self.weight, self.bias)
             return F.relu(out) if self.relu else out
-        if x.dim() != 2:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self._attr, [], "")
         # rows are independent: the padding rows' results are computed and dropped
-        out = torch.ops.mkldnn._linear_pointwise(_padded(x), self.packed, self.bias, self._attr, [], "")
-        return out[: x.shape[0]]
+        rows = x.shape[0] if x.dim() == 2 else -1
+        src = _padded(x) if rows >= 0 else x
+        out = torch.ops.mkldnn._linear_pointwise(src, self.packed, self.bias, self._attr, [], "")
+        return out[:rows] if rows >= 0 else out
 
     def extra_repr(self) -> str:
         return (
